@@ -1,0 +1,205 @@
+"""The engine loop (control plane): admit requests, schedule a step, run it, sample, finish requests.
+
+:class:`LLMEngine` is synchronous: ``add_request`` then ``step`` until ``has_unfinished()`` is false.  It may be
+driven by :class:`morphserve.engine.serving.ServingEngine`, which runs the loop on a thread and accepts requests
+while it runs.  Every request ends with a :class:`RequestOutput`: tokens and text, or an error record.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from morphserve.engine.config import EngineConfig
+from morphserve.engine.model_runner import ModelRunner
+from morphserve.engine.request import FinishReason, Request, RequestOutput, RequestStatus
+from morphserve.engine.sampling_params import SamplingParams
+from morphserve.engine.scheduler import Scheduler
+from morphserve.memory.block_manager import BlockManager
+from morphserve.memory.kv_pool import KVPool
+from morphserve.model.llama import LlamaModel
+from morphserve.model.weight_source import WeightSource, open_source
+
+
+class RequestError(ValueError):
+    """A request that cannot be served (empty or oversized prompt, bad parameters...); names the bad value."""
+
+
+@dataclass
+class StepStats:
+    step: int
+    start: float
+    duration: float
+    num_tokens: int
+    num_seqs: int
+    num_preempted: int
+    num_waiting: int
+    num_running: int
+    kv_used_blocks: int
+    kv_total_blocks: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, *, source: WeightSource | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config = config or EngineConfig()
+        self.clock = clock
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        self.source = source or open_source(config.model, seed=config.seed)
+        self.model_config = self.source.config
+        self.model = LlamaModel(self.source, self.dtype, self.device)
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        block_bytes = KVPool.block_nbytes(self.model_config, config.block_size, self.dtype)
+        num_blocks = config.kv_blocks(block_bytes, self.model.weight_bytes(), self.device)
+        self.pool = KVPool(self.model_config, num_blocks, config.block_size, self.dtype, self.device,
+                           max_segment_blocks=self.model.arena.slot_bytes // block_bytes)
+        self.block_manager = BlockManager(self.pool)
+        self.scheduler = Scheduler(self.block_manager, config.block_size, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.pool)
+        self.tokenizer = self.source.tokenizer()
+        self.requests: dict[str, Request] = {}
+        self.step_stats: deque[StepStats] = deque(maxlen=100_000)
+        self._ids = itertools.count()
+        self._steps = 0
+
+    @property
+    def synthetic_weights(self) -> bool:
+        return self.source.synthetic
+
+    # ---- admission ------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt; raises RequestError for an empty or malformed prompt."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("empty prompt ''")
+            ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if not ids:
+                raise RequestError("empty prompt: no token ids")
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary "
+                                   f"[0, {self.model_config.vocab_size})")
+        else:
+            raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return ids
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"prompt of {len(ids)} tokens does not fit the context window of "
+                               f"{self.max_model_len} tokens (at least one position is needed for output)")
+        longest = min(len(ids) + params.max_tokens, self.max_model_len)
+        need = -(-longest // self.config.block_size)
+        if need > self.block_manager.num_total_blocks:
+            raise RequestError(f"request needs {need} KV blocks ({len(ids)} prompt + {params.max_tokens} output "
+                               f"tokens) but the pool holds {self.block_manager.num_total_blocks}")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Queue a request; raises RequestError (naming the bad value) if it cannot be served."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        ids = self.validate(prompt, params)
+        req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
+                      prompt=prompt if isinstance(prompt, str) else None)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None or req.is_finished:
+            return None
+        self.scheduler.abort(req)
+        return self._finish(req, FinishReason.ABORTED)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns the requests that finished in it."""
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            if self.scheduler.waiting and not self.scheduler.running and not sched.preempted:
+                raise RuntimeError(f"scheduler stalled: {self.scheduler.waiting[0]!r} cannot be admitted into an "
+                                   f"idle engine ({self.block_manager.num_free_blocks} free blocks)")
+            return []
+        start = self.clock()
+        for c in sched.chunks:
+            if c.request.metrics.first_scheduled_time is None:
+                c.request.metrics.first_scheduled_time = start
+        sampling = [c.request for c in sched.chunks if c.samples]
+        tokens = self.runner.run(sched)
+        now = self.clock()
+        for c in sched.chunks:
+            c.request.num_computed_tokens += c.num_new_tokens
+        finished: list[RequestOutput] = []
+        for req, tok in zip(sampling, tokens):
+            req.token_ids.append(tok)
+            m = req.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.token_times.append(now)
+            reason = self._stop_reason(req, tok)
+            if reason is not None:
+                self.scheduler.finish(req)
+                finished.append(self._finish(req, reason))
+        self._steps += 1
+        self.step_stats.append(StepStats(
+            self._steps, start, now - start, sched.num_tokens, len(sched.chunks), len(sched.preempted),
+            len(self.scheduler.waiting), len(self.scheduler.running), self.block_manager.num_used,
+            self.block_manager.num_total_blocks))
+        return finished
+
+    def _stop_reason(self, req: Request, tok: int) -> FinishReason | None:
+        p = req.params
+        if not p.ignore_eos and (tok in self.model_config.eos_token_ids or tok in p.stop_token_ids):
+            return FinishReason.STOP
+        if req.num_output_tokens >= p.max_tokens:
+            return FinishReason.LENGTH
+        if req.num_tokens >= self.max_model_len:
+            return FinishReason.MAX_MODEL_LEN
+        return None
+
+    def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.metrics.finished_time = self.clock()
+        self.requests.pop(req.request_id, None)
+        return self.output(req)
+
+    def output(self, req: Request) -> RequestOutput:
+        text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.output_token_ids, text,
+                             req.is_finished, req.finish_reason.value if req.finish_reason else None, req.error,
+                             req.metrics)
+
+    def error_output(self, request_id: str, prompt: object, error: Exception) -> RequestOutput:
+        """The record a rejected request ends with."""
+        from morphserve.engine.request import RequestMetrics
+
+        now = self.clock()
+        return RequestOutput(str(request_id), prompt if isinstance(prompt, str) else None,
+                             list(prompt) if isinstance(prompt, (list, tuple)) else [], [], None, True,
+                             FinishReason.ERROR.value, str(error), RequestMetrics(arrival_time=now,
+                                                                                  finished_time=now))
+
+    def run_until_done(self) -> list[RequestOutput]:
+        out: list[RequestOutput] = []
+        while self.has_unfinished():
+            out += self.step()
+        return out

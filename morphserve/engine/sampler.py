@@ -1,0 +1,38 @@
+"""Next-token sampling: greedy (argmax, as transformers' greedy search) or temperature / top-k / top-p."""
+
+from __future__ import annotations
+
+import torch
+
+from morphserve.engine.sampling_params import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """``logits``: float32 ``[S, vocab]``; returns one token id per row."""
+    if logits.shape[0] == 0:
+        return []
+    out = logits.argmax(dim=-1)
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if p.greedy:
+            continue
+        out[row] = _sample_row(logits[row], p, gen)
+    return out.tolist()
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    x = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_x, idx = torch.sort(x, descending=True)
+        probs = sorted_x.softmax(-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+        drop = probs.cumsum(-1) - probs >= p.top_p
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(0, idx, sorted_x)
+    probs = x.softmax(-1)
+    if gen is not None and gen.device != probs.device:
+        probs = probs.to(gen.device)
+    return torch.multinomial(probs, 1, generator=gen)[0]

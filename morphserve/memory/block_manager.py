@@ -1,0 +1,88 @@
+"""Allocation of KV blocks across the pool's segments.
+
+The block manager hands out *global* block ids (see :mod:`morphserve.memory.kv_pool`).  It keeps one free list per
+segment and allocates from the lowest-indexed open segment first (the base pool, then extension segments in table
+order), which keeps extension segments as empty as possible so that they drain quickly when their layer is
+restored.  A segment can be *closed* (no new allocations; the KV resizer does this before detaching it); its live
+blocks stay valid until they are freed or migrated.
+"""
+
+from __future__ import annotations
+
+from morphserve.memory.kv_pool import KVPool
+
+
+class BlockManager:
+    def __init__(self, pool: KVPool):
+        self.pool = pool
+        self.free: dict[int, list[int]] = {}
+        self.closed: set[int] = set()
+        self.num_used = 0
+        for index in pool.segments:
+            self._open(index)
+
+    def _open(self, index: int) -> None:
+        # Reverse so that pop() yields ascending ids: deterministic, cache-friendly placement.
+        self.free[index] = list(reversed(self.pool.block_ids(index)))
+
+    # ---- segments -------------------------------------------------------------------------------------------
+    def add_segment(self, index: int) -> None:
+        """Make a freshly attached pool segment allocatable."""
+        if index in self.free:
+            raise ValueError(f"segment {index} is already managed")
+        self._open(index)
+
+    def close_segment(self, index: int) -> None:
+        """Stop allocating from a segment (its live blocks stay valid)."""
+        if index == 0:
+            raise ValueError("the base pool cannot be closed")
+        self.closed.add(index)
+
+    def live_blocks(self, index: int) -> int:
+        return self.pool.segments[index].num_blocks - len(self.free[index])
+
+    def remove_segment(self, index: int) -> None:
+        """Forget a segment whose blocks are all free (the caller then detaches it from the pool)."""
+        live = self.live_blocks(index)
+        if live:
+            raise RuntimeError(f"segment {index} still holds {live} live blocks")
+        del self.free[index]
+        self.closed.discard(index)
+
+    # ---- blocks ---------------------------------------------------------------------------------------------
+    @property
+    def num_total_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be allocated now (closed segments excluded)."""
+        return sum(len(f) for i, f in self.free.items() if i not in self.closed)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= self.num_free_blocks
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.num_free_blocks:
+            raise RuntimeError(f"asked for {n} KV blocks, {self.num_free_blocks} free")
+        out: list[int] = []
+        for index in sorted(self.free):
+            if index in self.closed:
+                continue
+            fl = self.free[index]
+            while fl and len(out) < n:
+                out.append(fl.pop())
+            if len(out) == n:
+                break
+        self.num_used += n
+        return out
+
+    def free_blocks(self, ids: list[int]) -> None:
+        shift = self.pool.shift
+        for b in ids:
+            self.free[b >> shift].append(b)
+        self.num_used -= len(ids)
+
+    def utilization(self) -> float:
+        total = self.num_total_blocks
+        return self.num_used / total if total else 0.0
