@@ -106,3 +106,21 @@ def test_block_manager_prefers_base_pool_and_drains_segments():
     assert bm.num_free_blocks == 3 and bm.num_used == 0 and bm.utilization() == 0.0
     with pytest.raises(RuntimeError, match="asked for"):
         bm.allocate(4)
+
+
+def test_kv_capacity_sizing():
+    from morphserve.engine.config import EngineConfig
+
+    cfg7b = ARCHITECTURES["llama2-7b"]
+    block = KVPool.block_nbytes(cfg7b, 16, torch.float16)
+    assert block == 32 * 2 * 32 * 16 * 128 * 2  # 8 MiB: all 32 layers of 16 tokens
+    weights = cfg7b.param_count() * 2
+    cpu = torch.device("cpu")
+    # an L4-sized budget on a device without reserve: what the weights leave, in whole blocks
+    assert EngineConfig(memory_budget_bytes=24 * 10**9).kv_blocks(block, weights, cpu, 10**6) == \
+        (24 * 10**9 - weights) // block
+    assert EngineConfig(num_kv_blocks=7).kv_blocks(block, weights, cpu, 1) == 7
+    assert EngineConfig(kv_cache_bytes=block * 3 + 5).kv_blocks(block, weights, cpu, 1) == 3
+    assert EngineConfig().kv_blocks(1024, 0, cpu, max_useful=10) == 10  # capped at what can be used
+    with pytest.raises(ValueError, match="leaves no room"):
+        EngineConfig(memory_budget_bytes=10**9).kv_blocks(block, weights, cpu, 10)

@@ -22,7 +22,8 @@ class EngineConfig:
     block_size: int = 16
     # KV capacity, by priority: an explicit block count; a byte size; a whole-device memory budget (weights + KV,
     # e.g. 24e9 to emulate an L4) of which the KV pool gets what the weights and the activation reserve leave;
-    # else CPU_DEFAULT_KV_BYTES on CPU or the free device memory minus the reserve on CUDA.
+    # else CPU_DEFAULT_KV_BYTES on CPU or the free device memory minus the reserve on CUDA, both capped at what
+    # max_num_seqs sequences of max_model_len tokens could ever use.
     num_kv_blocks: int | None = None
     kv_cache_bytes: int | None = None
     memory_budget_bytes: int | None = None
@@ -54,7 +55,9 @@ class EngineConfig:
             return torch.float16 if device.type == "cuda" else torch.float32
         return _DTYPES[self.dtype]
 
-    def kv_blocks(self, block_bytes: int, weight_bytes: int, device: torch.device) -> int:
+    def kv_blocks(self, block_bytes: int, weight_bytes: int, device: torch.device, max_useful: int) -> int:
+        """Blocks in the base pool.  Without an explicit count or size, it is what the device (or budget) leaves,
+        capped at ``max_useful`` (every sequence slot at full context length): more could never be used."""
         if self.num_kv_blocks is not None:
             return self.num_kv_blocks
         if self.kv_cache_bytes is not None:
@@ -67,9 +70,9 @@ class EngineConfig:
                                  f"after {weight_bytes} bytes of weights and a {reserve}-byte reserve")
         elif device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            nbytes = free - ACTIVATION_RESERVE_BYTES
+            nbytes = min(free - ACTIVATION_RESERVE_BYTES, max_useful * block_bytes)
         else:
-            nbytes = CPU_DEFAULT_KV_BYTES
+            nbytes = min(CPU_DEFAULT_KV_BYTES, max_useful * block_bytes)
         blocks = nbytes // block_bytes
         if blocks < 1:
             raise ValueError(f"KV cache of {nbytes} bytes holds no block of {block_bytes} bytes")

@@ -55,7 +55,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         block_bytes = KVPool.block_nbytes(self.model_config, config.block_size, self.dtype)
-        num_blocks = config.kv_blocks(block_bytes, self.model.weight_bytes(), self.device)
+        max_useful = config.max_num_seqs * -(-self.max_model_len // config.block_size)
+        num_blocks = config.kv_blocks(block_bytes, self.model.weight_bytes(), self.device, max_useful)
         self.pool = KVPool(self.model_config, num_blocks, config.block_size, self.dtype, self.device,
                            max_segment_blocks=self.model.arena.slot_bytes // block_bytes)
         self.block_manager = BlockManager(self.pool)

@@ -20,7 +20,7 @@ Layout (the design constraint every later mechanism relies on)::
   part of the layer variant (AWQ rescales them), so they live in the slot too.
 * Embeddings, the final norm and the LM head are not swappable and live outside the arena.
 
-Only the FP16 variant exists in this module; quantized layouts register themselves through
+Only the FP16 layout is defined in this module; quantized layouts register themselves through
 :func:`register_layout` from the quantization package.
 """
 
@@ -39,9 +39,15 @@ ALIGN = 256  # bytes; every tensor in a slot starts on this boundary (coalesced/
 
 class Precision(str, Enum):
     """Storage precision of a decoder layer.  ``FP16`` means unquantized weights in the engine's compute dtype
-    (float16 on GPU by default, bfloat16 or float32 when asked for, e.g. float32 for CPU reference runs)."""
+    (float16 on GPU by default, bfloat16 or float32 when asked for, e.g. float32 for CPU reference runs).
+    ``W8``: int8 weights, one scale per output channel (symmetric).  ``W4``: 4-bit weights in groups along the
+    input dimension with a scale and a zero point per group (AWQ's asymmetric scheme).  A precision is usable once
+    its layout (:func:`register_layout`) and its linear kernel (:func:`morphserve.model.linear.register_linear`)
+    are registered; the quantization package registers W8 and W4."""
 
     FP16 = "fp16"
+    W8 = "w8"
+    W4 = "w4"
 
 
 def _align(n: int) -> int:
