@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Same default as the Makefile: the offline data mirror beside the checkout, when present.
+_MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data"
+if "MORPHSERVE_DATA_MIRROR" not in os.environ and _MIRROR.is_dir():
+    os.environ["MORPHSERVE_DATA_MIRROR"] = str(_MIRROR)
 
 TINY = {
     # name: (heads, kv_heads, head_dim, tied)
