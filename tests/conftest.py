@@ -26,9 +26,10 @@ def make_tiny_checkpoint(path: Path, kind: str, seed: int = 0, **overrides) -> P
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      max_position_embeddings=1024, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                      rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **{**TINY[kind], **overrides})
+    shape = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                 max_position_embeddings=1024, **TINY[kind])
+    cfg = LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
+                      bos_token_id=1, eos_token_id=2, **{**shape, **overrides})
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # larger-than-default weights so logits are far from ties and outputs vary
         for p in model.parameters():

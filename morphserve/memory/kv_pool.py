@@ -13,8 +13,10 @@ Block addressing::
     global block id = (segment index << shift) | local index          (an int32)
     segment index   = id >> shift,  local index = id & (2**shift - 1)
 
-Segment index 0 is the base pool; index ``1 + l`` is reserved for the extension segment carved from layer ``l``'s
-slot, so a layer contributes at most one segment and a segment's ids never collide with another's.  ``shift`` is
+Segment index 0 is the base pool; indices ``1 + 2*l + r`` (``r`` in {0, 1}) are reserved for the extension segments
+carved from layer ``l``'s slot: ``r = 0`` for the region freed by the layer's first step down the precision ladder
+(e.g. FP16 -> W8), ``r = 1`` for the further region freed by the second (W8 -> W4).  A segment's ids therefore
+never collide with another's, and releasing one rung's region leaves the other's blocks in place.  ``shift`` is
 fixed at start-up, large enough for the biggest segment that can ever exist (the base pool, or a whole weight slot).
 The scheduler and block tables only ever see global ids; they do not change when segments come and go.
 
@@ -59,7 +61,7 @@ class KVPool:
         self.block_bytes = self.block_nbytes(cfg, block_size, dtype)
         biggest = max(num_blocks, max_segment_blocks or 0)
         self.shift = max(1, (biggest - 1).bit_length())
-        self.max_segments = 1 + cfg.num_layers
+        self.max_segments = 1 + 2 * cfg.num_layers
         if (self.max_segments << self.shift) >= 2 ** 31:
             raise ValueError(f"block id space overflows int32: {self.max_segments} segments of up to "
                              f"{biggest} blocks")
@@ -133,6 +135,21 @@ class KVPool:
                 continue
             seg.tensor[local[m], layer, 0, :, offs[m]] = k[m].to(self.dtype)
             seg.tensor[local[m], layer, 1, :, offs[m]] = v[m].to(self.dtype)
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy whole blocks (every layer's K and V) from global ids ``src`` to ``dst``; one contiguous copy per
+        block, grouped by (source segment, destination segment)."""
+        if len(src) != len(dst):
+            raise ValueError(f"copy_blocks: {len(src)} sources for {len(dst)} destinations")
+        groups: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        mask = (1 << self.shift) - 1
+        for s, d in zip(src, dst):
+            g = groups.setdefault((s >> self.shift, d >> self.shift), ([], []))
+            g[0].append(s & mask)
+            g[1].append(d & mask)
+        for (si, di), (sl, dl) in groups.items():
+            src_t, dst_t = self.segments[si].tensor, self.segments[di].tensor
+            dst_t[torch.tensor(dl, device=self.device)] = src_t[torch.tensor(sl, device=self.device)]
 
     def gather(self, layer: int, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``layer`` for the first ``length`` tokens stored in ``block_ids`` (in order):

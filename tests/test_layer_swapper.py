@@ -1,0 +1,109 @@
+"""The layer swapper on CPU (synchronous copies): in-place swaps into fixed slots, byte-exact restores, outputs
+that follow the precision map, and the queue semantics (retarget, cancel, no swap on an in-flight layer)."""
+
+import random
+
+import pytest
+import torch
+
+import morphserve.quant  # noqa: F401  (registers the W8/W4 layouts and linear kernels)
+from morphserve.engine.config import EngineConfig
+from morphserve.engine.engine import LLMEngine
+from morphserve.engine.sampling_params import SamplingParams
+from morphserve.memory.layer_swapper import LayerSwapper, SwapState
+from morphserve.memory.weight_arena import Precision
+from morphserve.quant.layouts import w4_group_size
+from morphserve.quant.packing import dequantize_w4
+from morphserve.quant.staging import StagedVariants
+
+P = Precision
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_mha):
+    engine = LLMEngine(EngineConfig(model=str(tiny_mha), num_kv_blocks=64))
+    staged = StagedVariants.build(engine.model)
+    return engine, staged
+
+
+def _swap(swapper, layer, dst):
+    swapper.request(layer, dst)
+    swapper.issue()
+    swapper.before_layer(layer)
+    assert [s.layer for s in swapper.poll()] == [layer]
+
+
+def test_thousand_random_cycles_restore_fp16_byte_identical(setup):
+    engine, staged = setup
+    arena = engine.model.arena
+    original = arena.storage.clone()
+    pointers = {i: {k: t.data_ptr() for k, t in arena.layers[i].tensors.items()} for i in range(3)}
+    swapper = LayerSwapper(arena, staged, "cpu")
+    rng = random.Random(0)
+    for _ in range(1000):
+        layer = rng.randrange(arena.cfg.num_layers)
+        dst = rng.choice([p for p in (P.FP16, P.W8, P.W4) if p != swapper.precision(layer)])
+        _swap(swapper, layer, dst)
+        assert arena.layers[layer].precision == dst
+        assert torch.equal(arena.slot(layer)[:staged.buffer(layer, dst).numel()], staged.buffer(layer, dst))
+    for layer in range(arena.cfg.num_layers):
+        if swapper.precision(layer) != P.FP16:
+            _swap(swapper, layer, P.FP16)
+    assert torch.equal(arena.storage, original)
+    for i in range(3):  # no view moved: swapping never changes a pointer
+        assert {k: t.data_ptr() for k, t in arena.layers[i].tensors.items()} == pointers[i]
+
+
+def test_outputs_follow_the_precision_map(setup, tiny_mha):
+    engine, staged = setup
+    swapper = LayerSwapper(engine.model.arena, staged, "cpu")
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+
+    def run():
+        engine.add_request("the quick brown fox jumps", params)
+        return engine.run_until_done()[0].output_token_ids
+
+    fp16 = run()
+    for layer in range(engine.model_config.num_layers):
+        _swap(swapper, layer, P.W4)
+    w4 = run()
+    # the W4 model is the dequantized model: compare with an engine whose FP16 weights are the dequantized ones
+    for layer in range(engine.model_config.num_layers):
+        _swap(swapper, layer, P.FP16)
+    assert run() == fp16
+    deq = LLMEngine(EngineConfig(model=str(tiny_mha), num_kv_blocks=64))
+    g = w4_group_size(deq.model_config)
+    for i in range(deq.model_config.num_layers):
+        src = staged.tensors(i, P.W4)
+        lw = deq.model.arena.layers[i]
+        for name in ("qkv", "o", "gate_up", "down"):
+            lw[name].copy_(dequantize_w4(src[f"{name}.qweight"], src[f"{name}.scales"], src[f"{name}.zeros"], g))
+        lw["input_norm"].copy_(src["input_norm"])
+        lw["post_norm"].copy_(src["post_norm"])
+    deq.add_request("the quick brown fox jumps", params)
+    assert deq.run_until_done()[0].output_token_ids == w4
+
+
+def test_queue_semantics(setup):
+    engine, staged = setup
+    swapper = LayerSwapper(engine.model.arena, staged, "cpu")
+    assert swapper.request(0, P.FP16) is None  # already there
+    s = swapper.request(0, P.W8)
+    assert s.state is SwapState.QUEUED and swapper.target(0) == P.W8 and not s.grows
+    swapper.request(0, P.W4)  # retarget before issue
+    assert swapper.target(0) == P.W4 and len(swapper.queued()) == 1
+    assert swapper.cancel(0) and swapper.target(0) == P.FP16
+    swapper.request(1, P.W4)
+    swapper.request(2, P.W8)
+    assert len(swapper.issue()) == 2 and swapper.bytes_copied > 0
+    with pytest.raises(ValueError, match="layer 7 out of range"):
+        swapper.request(7, P.W4)
+    for layer in (1, 2):
+        swapper.before_layer(layer)
+    assert sorted(s.layer for s in swapper.poll()) == [1, 2]
+    up = swapper.request(1, P.FP16)
+    assert up.grows
+    swapper.issue()
+    swapper.before_layer(1)
+    swapper.poll()
+    _swap(swapper, 2, P.FP16)
