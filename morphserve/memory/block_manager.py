@@ -1,9 +1,10 @@
 """Allocation of KV blocks across the pool's segments.
 
 The block manager hands out *global* block ids (see :mod:`morphserve.memory.kv_pool`).  It keeps one free list per
-segment and allocates from the lowest-indexed open segment first (the base pool, then extension segments in table
-order), which keeps extension segments as empty as possible so that they drain quickly when their layer is
-restored.  A segment can be *closed* (no new allocations; the KV resizer does this before detaching it); its live
+segment and, by default, allocates from the lowest-indexed open segment first (the base pool, then extension
+segments in table order), which keeps extension segments as empty as possible so that they drain quickly when their
+layer is restored.  ``extension_first=True`` reverses the preference (used by stress tests to keep live blocks in
+extension segments).  A segment can be *closed* (no new allocations; the KV resizer does this before detaching it); its live
 blocks stay valid until they are freed or migrated.
 """
 
@@ -13,8 +14,9 @@ from morphserve.memory.kv_pool import KVPool
 
 
 class BlockManager:
-    def __init__(self, pool: KVPool):
+    def __init__(self, pool: KVPool, extension_first: bool = False):
         self.pool = pool
+        self.extension_first = extension_first
         self.free: dict[int, list[int]] = {}
         self.closed: set[int] = set()
         self.num_used = 0
@@ -66,7 +68,7 @@ class BlockManager:
         if n > self.num_free_blocks:
             raise RuntimeError(f"asked for {n} KV blocks, {self.num_free_blocks} free")
         out: list[int] = []
-        for index in sorted(self.free):
+        for index in sorted(self.free, reverse=self.extension_first):
             if index in self.closed:
                 continue
             fl = self.free[index]

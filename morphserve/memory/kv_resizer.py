@@ -59,6 +59,7 @@ class KVResizer:
         self.arena = arena
         self.block_tables = block_tables
         self.regions: dict[int, Region] = {}  # by pool index
+        self.migrated_total = 0  # blocks moved by migrations over the resizer's life
 
     def regions_of(self, layer: int) -> list[Region]:
         return sorted((r for r in self.regions.values() if r.layer == layer), key=lambda r: r.start)
@@ -137,6 +138,7 @@ class KVResizer:
             self.pool.copy_blocks(src, dst)
             self.bm.free_blocks(src)
             region.migrated_blocks += len(src)
+            self.migrated_total += len(src)
         return len(src)
 
     def try_finish_release(self, layer: int) -> bool:
