@@ -120,3 +120,33 @@ def test_stress_swap_and_resize_every_step(wide):
 
     ref_out = _serve(ref, None, PARITY_PROMPTS[:8], params, on_step=replay)
     assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref_out]
+
+
+def test_systems_installed_in_the_engine_loop(wide):
+    """attach_system wires the morpher into LLMEngine.step and the serving loop's idle ticks."""
+    import time
+
+    from morphserve.engine.serving import ServingEngine
+    from morphserve.systems import attach_system, static_map, system_spec
+
+    assert static_map(system_spec("selective-2"), 4, [3, 1, 0, 2]) == [P.FP16, P.W4, P.FP16, P.W4]
+    with pytest.raises(ValueError, match="unknown system 'w5'"):
+        system_spec("w5")
+    engine = LLMEngine(EngineConfig(model=str(wide), num_kv_blocks=26, max_num_batched_tokens=64))
+    morpher = attach_system(engine, "morphserve-performance", [3, 1, 0, 2],
+                            mode_overrides={"persist_steps": 2, "relief_persist_steps": 8})
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    with ServingEngine(engine) as srv:
+        futures = [srv.submit(p, params) for p in PARITY_PROMPTS[:8]]
+        outs = [f.result(timeout=120) for f in futures]
+        deadline = time.monotonic() + 30
+        while morpher.controller.level and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert all(len(o.output_token_ids) == 40 for o in outs)
+    levels = [d.new_level for d in morpher.controller.decisions]
+    assert max(levels) > 0 and levels[-1] == 0  # went down under load, came back when idle
+    assert engine.model.arena.precisions() == ["fp16"] * 4 and engine.block_manager.num_total_blocks == 26
+    w4 = LLMEngine(EngineConfig(model=str(wide), num_kv_blocks=26))
+    attach_system(w4, "w4", [3, 1, 0, 2])
+    assert w4.model.arena.precisions() == ["w4"] * 4 and w4.block_manager.num_total_blocks > 26
+    assert attach_system(LLMEngine(EngineConfig(model=str(wide), num_kv_blocks=26)), "fp16", [0, 1, 2, 3]) is None

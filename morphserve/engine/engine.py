@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from morphserve.engine.config import EngineConfig
+from morphserve.engine.cuda_graphs import DecodeGraphs
 from morphserve.engine.model_runner import ModelRunner
 from morphserve.engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from morphserve.engine.sampling_params import SamplingParams
@@ -44,14 +45,18 @@ class StepStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, *, source: WeightSource | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, kernels: str | None = None,
+                 cuda_graphs: bool | None = None):
+        """``kernels``: "triton" (the fast path) or "reference" (pure PyTorch); default Triton on CUDA and the
+        reference set on CPU.  ``cuda_graphs``: replay decode steps as CUDA graphs; default on with the Triton
+        kernels on CUDA (they need both)."""
         self.config = config = config or EngineConfig()
         self.clock = clock
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
         self.source = source or open_source(config.model, seed=config.seed)
         self.model_config = self.source.config
-        self.model = LlamaModel(self.source, self.dtype, self.device)
+        self.model = LlamaModel(self.source, self.dtype, self.device, kernels=kernels)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         block_bytes = KVPool.block_nbytes(self.model_config, config.block_size, self.dtype)
@@ -62,10 +67,20 @@ class LLMEngine:
         self.block_manager = BlockManager(self.pool)
         self.scheduler = Scheduler(self.block_manager, config.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.pool)
+        fast = self.model.kernels.name == "triton" and self.device.type == "cuda"
+        if cuda_graphs and not fast:
+            raise ValueError(f"cuda_graphs=True needs the Triton kernels on CUDA (device {self.device}, kernels "
+                             f"{self.model.kernels.name!r})")
+        use_graphs = fast if cuda_graphs is None else cuda_graphs
+        graphs = None
+        if use_graphs:
+            graphs = DecodeGraphs(self.model, self.pool, self.model.kernels, config.max_num_seqs,
+                                  -(-self.max_model_len // config.block_size))
+        self.runner = ModelRunner(self.model, self.pool, graphs=graphs)
         self.tokenizer = self.source.tokenizer()
         self.requests: dict[str, Request] = {}
         self.step_stats: deque[StepStats] = deque(maxlen=100_000)
+        self._morpher = None
         self._ids = itertools.count()
         self._steps = 0
 
@@ -130,11 +145,33 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    # ---- morphing -------------------------------------------------------------------------------------------
+    @property
+    def morpher(self):
+        """The installed morphing system (:class:`morphserve.engine.morpher.Morpher`), or None."""
+        return self._morpher
+
+    @morpher.setter
+    def morpher(self, morpher) -> None:
+        self._morpher = morpher
+        self.runner.hooks = morpher.swapper if morpher is not None else None
+        self.runner.after_launch = morpher.after_step if morpher is not None else None
+
+    def idle_tick(self) -> None:
+        """Let the morpher observe an idle engine (so layers are restored once load is gone)."""
+        if self._morpher is not None and not self.has_unfinished():
+            self._morpher.before_step()
+            self._morpher.after_step()
+
     # ---- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the requests that finished in it."""
+        if self._morpher is not None:
+            self._morpher.before_step()
         sched = self.scheduler.schedule()
         if not sched.chunks:
+            if self._morpher is not None:
+                self._morpher.after_step()
             if self.scheduler.waiting and not self.scheduler.running and not sched.preempted:
                 raise RuntimeError(f"scheduler stalled: {self.scheduler.waiting[0]!r} cannot be admitted into an "
                                    f"idle engine ({self.block_manager.num_free_blocks} free blocks)")
@@ -155,10 +192,14 @@ class LLMEngine:
             if m.first_token_time is None:
                 m.first_token_time = now
             m.token_times.append(now)
+            if self._morpher is not None:
+                self._morpher.monitor.on_token(req)
             reason = self._stop_reason(req, tok)
             if reason is not None:
                 self.scheduler.finish(req)
                 finished.append(self._finish(req, reason))
+                if self._morpher is not None:
+                    self._morpher.monitor.on_finish(req)
         self._steps += 1
         self.step_stats.append(StepStats(
             self._steps, start, now - start, sched.num_tokens, len(sched.chunks), len(sched.preempted),

@@ -1,53 +1,194 @@
-"""The bridge from control plane to data plane: scheduled chunks -> flat tensors -> model -> sampled tokens."""
+"""The bridge from control plane to data plane: scheduled chunks -> flat tensors -> model -> sampled tokens.
+
+:meth:`ModelRunner.prepare` is vectorised: the per-token metadata (tokens, positions, slot mapping) is computed
+with NumPy from per-sequence arrays, never in a Python loop over tokens.  On CUDA everything a step needs is
+packed into one pinned int64 buffer and uploaded with a single asynchronous copy; the kernels then read device
+tensors, and the only host synchronisation of a step is reading back the sampled tokens.  Two pinned buffers
+alternate, each guarded by an event, so a buffer is never rewritten while its copy may still be in flight (a step
+that samples nothing does not synchronise).
+
+Decode-only steps (one token per sequence, every sequence sampling) replay a CUDA graph when the runner has
+:class:`~morphserve.engine.cuda_graphs.DecodeGraphs`; every other step runs the model eagerly.
+"""
 
 from __future__ import annotations
 
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
 import torch
 
+from morphserve.engine.cuda_graphs import DecodeGraphs
 from morphserve.engine.sampler import sample
-from morphserve.engine.scheduler import SchedulerOutput
+from morphserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from morphserve.memory.kv_pool import KVPool
-from morphserve.model.llama import ForwardBatch, LlamaModel
+from morphserve.model.kernel_set import KernelSet
+from morphserve.model.llama import ForwardBatch, LayerHooks, LlamaModel
+
+
+@dataclass
+class HostBatch:
+    """A step's metadata on the host (NumPy int64), before upload."""
+
+    tokens: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slots: np.ndarray  # [T]
+    query_start: np.ndarray  # [S + 1]
+    context_lens: np.ndarray  # [S]
+    tables: np.ndarray  # [S, W] block ids, padded with 0
+    logits_rows: np.ndarray  # [S'] rows whose next-token logits are sampled
+    block_tables: list[list[int]]  # the requests' own tables (the reference kernels use them)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence and every sequence samples (the shape a decode CUDA graph serves)."""
+        return self.num_tokens == self.num_seqs == self.logits_rows.shape[0] > 0
+
+    @staticmethod
+    def from_chunks(chunks: list[ScheduledChunk], block_size: int) -> "HostBatch":
+        s = len(chunks)
+        starts = np.fromiter((c.request.num_computed_tokens for c in chunks), np.int64, s)
+        lens = np.fromiter((c.num_new_tokens for c in chunks), np.int64, s)
+        qs = np.zeros(s + 1, np.int64)
+        np.cumsum(lens, out=qs[1:])
+        t = int(qs[-1])
+        tokens = np.fromiter(itertools.chain.from_iterable(
+            c.request.token_ids[st:st + n] for c, st, n in zip(chunks, starts.tolist(), lens.tolist())), np.int64, t)
+        seq = np.repeat(np.arange(s, dtype=np.int64), lens)
+        positions = starts[seq] + (np.arange(t, dtype=np.int64) - qs[seq])
+        block_tables = [c.request.block_table for c in chunks]
+        tlens = np.fromiter(map(len, block_tables), np.int64, s)
+        width = max(int(tlens.max()) if s else 0, 1)
+        tables = np.zeros((s, width), np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(block_tables), np.int64, int(tlens.sum()))
+        rows = np.repeat(np.arange(s, dtype=np.int64), tlens)
+        tables[rows, np.arange(flat.shape[0], dtype=np.int64) - np.repeat(np.cumsum(tlens) - tlens, tlens)] = flat
+        slots = tables[seq, positions // block_size] * block_size + positions % block_size
+        samples = np.fromiter((c.samples for c in chunks), bool, s)
+        return HostBatch(tokens, positions, slots, qs, starts + lens, tables, qs[1:][samples] - 1, block_tables)
+
+
+@dataclass
+class StepTiming:
+    """Where a step's time goes, in seconds (CUDA only; filled while :attr:`ModelRunner.timing` is set).  The
+    host-side work of a step is ``wall - device_forward`` when the GPU is the bottleneck and at least
+    ``host_prepare + host_launch`` in any case."""
+
+    host_prepare: list[float] = field(default_factory=list)  # scheduled chunks -> host arrays
+    host_launch: list[float] = field(default_factory=list)  # upload + forward or graph replay enqueued (host)
+    device_forward: list[float] = field(default_factory=list)  # GPU time from upload to logits (CUDA events)
+    wall: list[float] = field(default_factory=list)  # the whole run(), until the sampled tokens are on the host
+    graph: list[bool] = field(default_factory=list)
+
+
+class _PinnedStaging:
+    """Two alternating pinned host buffers for the per-step upload (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def take(self, n: int) -> tuple[int, torch.Tensor]:
+        i = self.turn = 1 - self.turn
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        while len(self.buffers) < 2:
+            self.buffers.append(torch.empty(0, dtype=torch.int64))
+        if self.buffers[i].numel() < n:
+            self.buffers[i] = torch.empty(max(n, 2 * self.buffers[i].numel()), dtype=torch.int64, pin_memory=True)
+        return i, self.buffers[i][:n]
+
+    def uploaded(self, i: int) -> None:
+        ev = self.events[i] = self.events[i] or torch.cuda.Event()
+        ev.record()
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: KVPool):
+    def __init__(self, model: LlamaModel, pool: KVPool, kernels: KernelSet | None = None,
+                 graphs: DecodeGraphs | None = None):
         self.model = model
         self.pool = pool
+        self.kernels = kernels or model.kernels
+        self.graphs = graphs
         self.device = model.device
+        self._staging = _PinnedStaging() if self.device.type == "cuda" else None
+        self.timing: StepTiming | None = None  # set to a StepTiming to record per-step timings
+        self.last_step_graph = False  # whether the last forward replayed a CUDA graph
+        # Installed by a morphing system: the layer swapper's per-layer hooks (a step with swaps queued or in flight
+        # runs eagerly so the hooks run between layers), and a callback run once the step's kernels are enqueued
+        # and before the host waits for its tokens (where the swapper issues its copies, so they overlap the GPU).
+        self.hooks: LayerHooks | None = None
+        self.after_launch: Callable[[], None] | None = None
+
+    def host_batch(self, sched: SchedulerOutput) -> HostBatch:
+        return HostBatch.from_chunks(sched.chunks, self.pool.block_size)
+
+    def upload(self, hb: HostBatch) -> ForwardBatch:
+        """One packed host-to-device copy of the step's metadata; returns the batch of device views."""
+        t, s, r, w = hb.num_tokens, hb.num_seqs, hb.logits_rows.shape[0], hb.tables.shape[1]
+        parts = [hb.tokens, hb.positions, hb.slots, hb.logits_rows, hb.query_start, hb.context_lens,
+                 hb.tables.reshape(-1)]
+        n = 3 * t + r + (s + 1) + s + s * w
+        if self._staging is None:
+            dev = torch.from_numpy(np.concatenate(parts))
+        else:
+            i, host = self._staging.take(n)
+            np.concatenate(parts, out=host.numpy())
+            dev = host.to(self.device, non_blocking=True)
+            self._staging.uploaded(i)
+        o = np.cumsum([0, t, t, t, r, s + 1, s, s * w]).tolist()
+        return ForwardBatch(dev[o[0]:o[1]], dev[o[1]:o[2]], dev[o[2]:o[3]], hb.query_start.tolist(),
+                            hb.context_lens.tolist(), hb.block_tables, dev[o[3]:o[4]],
+                            query_start_t=dev[o[4]:o[5]], context_lens_t=dev[o[5]:o[6]],
+                            block_tables_t=dev[o[6]:o[7]].view(s, w))
 
     def prepare(self, sched: SchedulerOutput) -> ForwardBatch:
-        bs = self.pool.block_size
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        context_lens: list[int] = []
-        tables: list[list[int]] = []
-        logits_rows: list[int] = []
-        for chunk in sched.chunks:
-            req, n = chunk.request, chunk.num_new_tokens
-            start = req.num_computed_tokens
-            tokens += req.token_ids[start:start + n]
-            pos = range(start, start + n)
-            positions += pos
-            table = req.block_table
-            slots += [table[p // bs] * bs + p % bs for p in pos]
-            query_start.append(query_start[-1] + n)
-            context_lens.append(start + n)
-            tables.append(table)
-            if chunk.samples:
-                logits_rows.append(query_start[-1] - 1)
-        dev = self.device
+        return self.upload(self.host_batch(sched))
 
-        def t(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64, device=dev)
-
-        return ForwardBatch(t(tokens), t(positions), t(slots), query_start, context_lens, tables, t(logits_rows))
+    def forward(self, hb: HostBatch) -> torch.Tensor:
+        """Logits of the rows that sample: a CUDA-graph replay for decode steps the graphs serve, else eager."""
+        hooks = self.hooks if self.hooks is not None and self.hooks.active() else None
+        self.last_step_graph = hooks is None and self.graphs is not None and self.graphs.serves(hb)
+        if self.last_step_graph:
+            return self.graphs.run(hb)
+        return self.model.forward(self.upload(hb), self.pool, self.kernels, hooks=hooks)
 
     def run(self, sched: SchedulerOutput) -> list[int]:
         """Forward the scheduled chunks; returns one sampled token per chunk that samples (in chunk order)."""
-        batch = self.prepare(sched)
-        logits = self.model.forward(batch, self.pool)
         sampling = [c.request for c in sched.chunks if c.samples]
-        return sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+        timing = self.timing if self.device.type == "cuda" else None
+        if timing is None:
+            logits = self.forward(self.host_batch(sched))
+            if self.after_launch is not None:
+                self.after_launch()
+            return sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        hb = self.host_batch(sched)
+        t1 = time.perf_counter()
+        start.record()
+        logits = self.forward(hb)
+        end.record()
+        if self.after_launch is not None:
+            self.after_launch()
+        t2 = time.perf_counter()
+        tokens = sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+        t3 = time.perf_counter()
+        timing.host_prepare.append(t1 - t0)
+        timing.host_launch.append(t2 - t1)
+        timing.device_forward.append(start.elapsed_time(end) / 1e3)
+        timing.wall.append(t3 - t0)
+        timing.graph.append(self.last_step_graph)
+        return tokens

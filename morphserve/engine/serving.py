@@ -86,6 +86,8 @@ class ServingEngine:
                         self._resolve(out)
                 elif self._stop.is_set() and self._inbox.empty():
                     return
+                else:
+                    self.engine.idle_tick()  # a morphing system restores layers once the load is gone
         except BaseException as e:  # the engine failed: answer every pending request with the failure
             for fut in self._futures.values():
                 if not fut.done():

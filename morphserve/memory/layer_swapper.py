@@ -54,15 +54,23 @@ class Swap:
     ready: torch.cuda.Event | None = field(default=None, repr=False)  # recorded when the copy is done
     issued_at: float | None = None  # host clock when the copy was enqueued
     done_at: float | None = None
+    copy_events: tuple | None = field(default=None, repr=False)  # (start, end) on the copy stream, when timed
+
+    @property
+    def copy_ms(self) -> float | None:
+        """Device time of the copy itself (needs ``LayerSwapper(time_copies=True)`` and a finished copy)."""
+        return self.copy_events[0].elapsed_time(self.copy_events[1]) if self.copy_events else None
 
 
 class LayerSwapper:
-    def __init__(self, arena: WeightArena, staged, device: torch.device | str):
-        """``staged``: a :class:`morphserve.quant.staging.StagedVariants` holding every variant to swap to."""
+    def __init__(self, arena: WeightArena, staged, device: torch.device | str, time_copies: bool = False):
+        """``staged``: a :class:`morphserve.quant.staging.StagedVariants` holding every variant to swap to.
+        ``time_copies``: record CUDA events around each copy (benchmarks)."""
         self.arena = arena
         self.staged = staged
         self.device = torch.device(device)
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        self.time_copies = time_copies and self.copy_stream is not None
         self.swaps: dict[int, Swap] = {}  # at most one queued or in-flight swap per layer
         self.completed: list[Swap] = []
         self.bytes_copied = 0
@@ -110,6 +118,10 @@ class LayerSwapper:
             return True
         return False
 
+    def active(self) -> bool:
+        """True while any swap is queued or in flight (steps then run eagerly, with the per-layer hooks)."""
+        return bool(self.swaps)
+
     def queued(self) -> list[Swap]:
         return [s for s in self.swaps.values() if s.state is SwapState.QUEUED]
 
@@ -154,7 +166,12 @@ class LayerSwapper:
             else:
                 with torch.cuda.stream(self.copy_stream):
                     self.copy_stream.wait_event(s.fence)
+                    if self.time_copies:
+                        s.copy_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                        s.copy_events[0].record(self.copy_stream)
                     slot.copy_(buf, non_blocking=True)
+                    if self.time_copies:
+                        s.copy_events[1].record(self.copy_stream)
                     s.ready = torch.cuda.Event()
                     s.ready.record(self.copy_stream)
                 s.state = SwapState.COPYING

@@ -1,21 +1,23 @@
-"""The Llama decoder (data plane): weights in the arena, KV in the paged pool, one forward per engine step.
+"""The Llama decoder (data plane): weights in the arena, K/V in the paged pool, one forward per engine step.
 
 A step's batch is flat: the scheduled tokens of every sequence concatenated (prefill chunks and single decode
-tokens mixed), with per-sequence metadata in :class:`ForwardBatch`.  Kernels come from a :class:`KernelSet`; this
-issue ships the pure-PyTorch reference set, which runs on CPU and CUDA alike.
+tokens mixed), with per-sequence metadata in :class:`ForwardBatch`.  The forward is written once against a
+:class:`~morphserve.model.kernel_set.KernelSet`: the pure-PyTorch reference set (CPU path and ground truth) or the
+Triton set (the CUDA fast path), chosen per model (Triton on CUDA by default) or per call.  Projections always go
+through :func:`~morphserve.model.linear.linear`, the precision dispatch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from morphserve.kernels import reference as ref
 from morphserve.memory.kv_pool import KVPool
 from morphserve.memory.weight_arena import WeightArena
-from morphserve.model.config import ModelConfig
+from morphserve.model.kernel_set import KernelSet, select_kernel_set
 from morphserve.model.linear import linear
 from morphserve.model.weight_source import WeightSource
 
@@ -29,10 +31,29 @@ class ForwardBatch:
     context_lens: list[int]  # [S]: tokens in the cache for s after this step
     block_tables: list[list[int]]  # [S][blocks]
     logits_indices: torch.Tensor  # [S'] rows whose next-token logits are needed
+    # The same metadata as device tensors (int64), uploaded once per step by the model runner for the Triton
+    # kernels; None when the caller built only the lists (the kernels then upload them).
+    query_start_t: torch.Tensor | None = None  # [S + 1]
+    context_lens_t: torch.Tensor | None = None  # [S]
+    block_tables_t: torch.Tensor | None = None  # [S, W], padded with 0
+    num_splits: int | None = None  # decode attention context splits, pinned by the CUDA-graph runner
+
+
+class LayerHooks(Protocol):
+    """Called by :meth:`LlamaModel.forward` around each layer (implemented by the layer swapper)."""
+
+    def before_layer(self, layer: int) -> None: ...
+
+    def after_layer(self, layer: int) -> None: ...
+
+    def after_step(self) -> None: ...
 
 
 class LlamaModel:
-    def __init__(self, source: WeightSource, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, source: WeightSource, dtype: torch.dtype, device: torch.device | str,
+                 kernels: KernelSet | str | None = None):
+        """``kernels``: a :class:`KernelSet`, its name ("reference", "triton"), or None for the device's default
+        (Triton on CUDA, the reference set on CPU)."""
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         cfg = self.cfg = source.config
@@ -53,6 +74,7 @@ class LlamaModel:
         self.cos = (emb.cos() * rope.attention_scaling).to(dtype=dtype, device=self.device)
         self.sin = (emb.sin() * rope.attention_scaling).to(dtype=dtype, device=self.device)
         self.scale = cfg.head_dim ** -0.5
+        self.kernels = kernels if isinstance(kernels, KernelSet) else select_kernel_set(self.device, kernels)
 
     @torch.no_grad()
     def _load(self, source: WeightSource) -> None:
@@ -81,30 +103,35 @@ class LlamaModel:
         return self.arena.nbytes + extra * self.dtype.itemsize
 
     @torch.no_grad()
-    def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, pool: KVPool, kernels: KernelSet | None = None,
+                hooks: LayerHooks | None = None) -> torch.Tensor:
         """Runs every layer on the batch, writing this step's K/V into the pool; returns float32 logits for
-        ``batch.logits_indices``."""
+        ``batch.logits_indices``.  ``kernels`` overrides the model's kernel set for this call.  ``hooks`` (the layer
+        swapper) run before and after each layer: a layer's views are read only after its ``before_layer``, which
+        may switch it to a new precision once that variant's copy has landed."""
+        ks = kernels or self.kernels
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
-        q_size, kv_size = cfg.q_size, cfg.kv_size
-        cos, sin = self.cos[batch.positions], self.sin[batch.positions]
-        x = self.embed[batch.token_ids]
-        residual = None
-        for lw in self.arena.layers:
-            if residual is None:
-                residual, h = x, ref.rms_norm(x, lw["input_norm"], eps)
-            else:
-                h, residual = ref.add_rms_norm(x, residual, lw["input_norm"], eps)
-            qkv = linear(h, lw, "qkv")
-            qh = qkv[:, :q_size].view(-1, cfg.num_heads, cfg.head_dim)
-            kh = qkv[:, q_size:q_size + kv_size].view(-1, cfg.num_kv_heads, cfg.head_dim)
-            vh = qkv[:, q_size + kv_size:].view(-1, cfg.num_kv_heads, cfg.head_dim)
-            qh, kh = ref.rotary(qh, cos, sin), ref.rotary(kh, cos, sin)
-            pool.store(lw.index, kh, vh, batch.slot_mapping)
-            attn = ref.paged_attention(qh, pool, lw.index, batch.query_start, batch.context_lens,
-                                       batch.block_tables, self.scale)
-            x = linear(attn, lw, "o")
-            h, residual = ref.add_rms_norm(x, residual, lw["post_norm"], eps)
-            x = linear(ref.silu_and_mul(linear(h, lw, "gate_up")), lw, "down")
-        h, _ = ref.add_rms_norm(x, residual, self.final_norm, eps)
-        h = h[batch.logits_indices]
-        return torch.nn.functional.linear(h, self.lm_head).float()
+        state = ks.begin(self, batch, pool)
+        with ks.linear_scope():
+            x = self.embed[batch.token_ids]
+            residual = None
+            for i in range(cfg.num_layers):
+                if hooks is not None:
+                    hooks.before_layer(i)
+                lw = self.arena.layers[i]
+                if residual is None:
+                    residual, h = x, ks.rms_norm(x, lw["input_norm"], eps)
+                else:
+                    h, residual = ks.add_rms_norm(x, residual, lw["input_norm"], eps)
+                q = ks.rope_and_store(linear(h, lw, "qkv"), state, pool, lw.index)
+                x = linear(ks.attention(q, state, pool, lw.index), lw, "o")
+                h, residual = ks.add_rms_norm(x, residual, lw["post_norm"], eps)
+                x = linear(ks.silu_and_mul(linear(h, lw, "gate_up")), lw, "down")
+                if hooks is not None:
+                    hooks.after_layer(i)
+            if hooks is not None:
+                hooks.after_step()
+            # the final norm is row-wise: normalise only the rows whose logits are needed
+            rows = batch.logits_indices
+            h, _ = ks.add_rms_norm(x[rows], residual[rows], self.final_norm, eps)
+            return ks.lm_head(h, self.lm_head)
