@@ -1,4 +1,4 @@
-"""``morphserve`` command line: ``generate`` and ``parity``."""
+"""``morphserve`` command line: ``generate``, ``parity``, ``workload``, ``replay``, ``score`` and ``profile``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Sequence
 
+from morphserve.data.mirror import DataError
 from morphserve.engine.config import EngineConfig
 from morphserve.model.config import ModelError
 
@@ -88,10 +89,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--output", help="also write the JSON summary to this file")
     p.set_defaults(fn=cmd_parity)
+    from morphserve.harness.cli import add_parsers as add_harness_parsers
+    from morphserve.importance.cli import add_parsers as add_importance_parsers
+
+    add_harness_parsers(sub)  # workload, replay, score
+    add_importance_parsers(sub)  # profile
     a = parser.parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, ModelError, OSError) as e:
+    except (ValueError, ModelError, OSError, DataError) as e:
         print(f"morphserve {a.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -153,13 +153,17 @@ class KVPool:
 
     def gather(self, layer: int, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``layer`` for the first ``length`` tokens stored in ``block_ids`` (in order):
-        ``[length, kv_heads, head_dim]`` each."""
+        ``[length, kv_heads, head_dim]`` each.  (``select`` + ``index_select`` rather than mixed advanced
+        indexing, which PyTorch serves through a slow general path.)"""
         segs, local = self.split_ids(block_ids)
-        out = torch.empty((block_ids.numel(), 2, self.cfg.num_kv_heads, self.block_size, self.cfg.head_dim),
-                          dtype=self.dtype, device=self.device)
-        for index, seg in self.segments.items():
-            m = segs == index
-            if bool(m.any()):
-                out[m] = seg.tensor[local[m], layer]
-        kv = out.permute(1, 0, 3, 2, 4).reshape(2, -1, self.cfg.num_kv_heads, self.cfg.head_dim)[:, :length]
+        if len(self.segments) == 1:
+            blocks = self.segments[0].tensor.select(1, layer).index_select(0, local)
+        else:
+            blocks = torch.empty((block_ids.numel(), 2, self.cfg.num_kv_heads, self.block_size, self.cfg.head_dim),
+                                 dtype=self.dtype, device=self.device)
+            for index, seg in self.segments.items():
+                pos = (segs == index).nonzero().squeeze(1)
+                if pos.numel():
+                    blocks.index_copy_(0, pos, seg.tensor.select(1, layer).index_select(0, local[pos]))
+        kv = blocks.permute(1, 0, 3, 2, 4).reshape(2, -1, self.cfg.num_kv_heads, self.cfg.head_dim)[:, :length]
         return kv[0], kv[1]
