@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,10 @@ import torch
 
 
 def git_commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes).  ``MORPHSERVE_GIT_COMMIT`` overrides it, for
+    copies of the tree without git metadata (e.g. a GPU box that receives the working tree only)."""
+    if os.environ.get("MORPHSERVE_GIT_COMMIT"):
+        return os.environ["MORPHSERVE_GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -20,7 +26,9 @@ def git_commit() -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return (sha or "unknown") + ("-dirty" if dirty and sha else "")
+    if not re.fullmatch(r"[0-9a-f]{40}", sha):
+        return "unknown (no git metadata)"
+    return sha + ("-dirty" if dirty else "")
 
 
 def device_name(device: torch.device | str | None = None) -> str:
