@@ -1,5 +1,7 @@
 """The morphing controller: level -> precision maps along the ladder, hysteresis, dwell, budgets, modes."""
 
+from dataclasses import replace
+
 import pytest
 
 from morphserve.engine.controller import MODES, ModeConfig, MorphController, mode_config
@@ -83,3 +85,16 @@ def test_modes_and_validation():
     with pytest.raises(ValueError, match="permutation"):
         MorphController(MODES["default"], 4, [0, 1, 1, 2])
     assert mode_config("default", ladder=["w4"]).ladder == (P.W4,)
+
+
+def test_stale_preemptions_do_not_block_relief_when_idle():
+    mode = mode_config("performance", persist_steps=1, min_dwell_steps=0, relief_persist_steps=2,
+                       layers_per_decision=1)
+    c = MorphController(mode, 8, ORDER)
+    c.decide(snap(0, preempt=1))
+    assert c.level == 1
+    idle = MonitorSnapshot(step=1, time=0.02, kv_utilization=0.0, free_blocks=100, total_blocks=100, queue_len=0,
+                           queueing_delay_s=0.0, running=0, preemptions_in_window=1, ttft_p95_s=None,
+                           tpot_mean_s=None)
+    assert c.decide(idle) is None
+    assert c.decide(replace(idle, step=2)).new_level == 0

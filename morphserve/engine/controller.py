@@ -14,7 +14,7 @@ whatever the level, the least important layers are the quantized ones.
 Decisions (:meth:`MorphController.decide`):
 
 * *pressure* when KV utilisation >= ``kv_high``, or the oldest waiting request has queued >= ``queue_delay_high_s``,
-  or a request was preempted within the monitor's window;
+  or a request was preempted within the monitor's window while requests are still running or waiting;
 * *relief* when KV utilisation <= ``kv_low``, the queue is empty and nothing was preempted in the window;
 * the condition must hold for ``persist_steps`` consecutive steps (``relief_persist_steps`` for relief): hysteresis
   against single-step spikes;
@@ -142,7 +142,7 @@ class MorphController:
             reasons.append(f"kv {snap.kv_utilization:.0%} >= {m.kv_high:.0%}")
         if snap.queueing_delay_s >= m.queue_delay_high_s:
             reasons.append(f"queueing {snap.queueing_delay_s * 1e3:.0f} ms >= {m.queue_delay_high_s * 1e3:.0f} ms")
-        if snap.preemptions_in_window:
+        if snap.preemptions_in_window and (snap.running or snap.queue_len):  # stale once the engine is idle
             reasons.append(f"{snap.preemptions_in_window} preemptions in window")
         relief = (not reasons and snap.kv_utilization <= m.kv_low and snap.queue_len == 0)
         self._pressure_run = self._pressure_run + 1 if reasons else 0

@@ -27,6 +27,7 @@ class ServingEngine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._next_id = 0
+        self.failure: BaseException | None = None  # what stopped the loop, if the engine failed
 
     def __enter__(self) -> "ServingEngine":
         self.start()
@@ -48,9 +49,16 @@ class ServingEngine:
             self._thread.join()
             self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        """True while the engine loop runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
                request_id: str | None = None, arrival_time: float | None = None) -> Future:
-        if self._thread is None or self._stop.is_set():
+        if self.failure is not None:
+            raise RuntimeError(f"serving engine failed: {self.failure!r}") from self.failure
+        if not self.alive or self._stop.is_set():
             raise RuntimeError("serving engine is not running")
         fut: Future = Future()
         with self._lock:
@@ -89,6 +97,7 @@ class ServingEngine:
                 else:
                     self.engine.idle_tick()  # a morphing system restores layers once the load is gone
         except BaseException as e:  # the engine failed: answer every pending request with the failure
+            self.failure = e
             for fut in self._futures.values():
                 if not fut.done():
                     fut.set_exception(e)

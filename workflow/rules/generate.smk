@@ -1,4 +1,13 @@
-# Generation with the embedded default model and greedy parity against transformers.
+# The foundation's checks, kept in the default profile: generation with the embedded model and greedy parity
+# against transformers (profiles without a `generate` key skip them).
+
+GENERATE_CHECKS = (
+    [f"artifacts/generate_{config['model']}.json", f"artifacts/parity_{config['model']}.json",
+     "artifacts/SUMMARY.md"]
+    if "generate" in config
+    else []
+)
+
 
 rule generate:
     output:
@@ -18,8 +27,8 @@ rule parity:
     log:
         "logs/parity_{model}.log",
     params:
-        prompts=config["parity"]["prompts"],
-        max_new_tokens=config["parity"]["max_new_tokens"],
+        prompts=config.get("parity", {}).get("prompts"),
+        max_new_tokens=config.get("parity", {}).get("max_new_tokens"),
         device=config["device"],
     threads: workflow.cores
     shell:
@@ -29,8 +38,8 @@ rule parity:
 
 rule summary:
     input:
-        generate=f"artifacts/generate_{MODEL}.json",
-        parity=f"artifacts/parity_{MODEL}.json",
+        generate=f"artifacts/generate_{config.get('model')}.json",
+        parity=f"artifacts/parity_{config.get('model')}.json",
     output:
         "artifacts/SUMMARY.md",
     script:

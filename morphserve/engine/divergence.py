@@ -1,0 +1,109 @@
+"""Why two greedy runs diverge: rounding at a near tie, or a bug.
+
+Greedy decoding in float16/bfloat16 and in float32 (or with two kernel sets that round differently) need not
+produce the same tokens: when the two best next-token logits are nearly equal, rounding can swap them, and every
+later token then follows a different prefix.  That is expected.  A bug looks different: the two runs disagree where
+the reference has a clear winner.
+
+:func:`analyse` makes the distinction measurable.  For each pair of token sequences it finds the first divergent
+step, re-computes the next-token logits for the common prefix (prompt + agreed tokens) in both engines, and reports
+
+* ``margin``: the reference's top-2 logit margin (top-1 minus top-2) at that step;
+* ``noise``: the root-mean-square difference between the two engines' logits at that step, over the reference's
+  :data:`NOISE_TOP_K` best tokens: the size of the perturbation the lower precision (or the other kernel set)
+  actually causes where it matters (rounding errors grow with a logit's magnitude, so the whole vocabulary's
+  typical logit would understate it for the top candidates);
+* ``near_tie``: ``margin <= NOISE_FACTOR * noise`` and the test run's token is among the reference's top two.
+
+A divergence that is a near tie is explained by rounding; one that is not means the two runs compute different
+functions.  :data:`NOISE_FACTOR` (4) allows for the difference between the two tokens' errors, which is a sum of
+two per-token errors and has a heavier tail than one of them.  The re-computation is one prefill per run and
+divergent prompt, through each engine's own model (its dtype, kernel set and weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from morphserve.engine.engine import LLMEngine
+from morphserve.engine.model_runner import HostBatch
+
+NOISE_FACTOR = 4.0
+NOISE_TOP_K = 16
+
+
+@dataclass
+class Divergence:
+    prompt: int  # index of the prompt
+    step: int  # first output position where the runs differ
+    token_test: int  # the token the run under test chose
+    token_ref: int  # the reference run's token
+    margin: float  # reference top-1 minus top-2 logit at that step
+    noise: float  # RMS of (test logits - reference logits) over the reference's top-16 tokens at that step
+    test_in_ref_top2: bool  # the test token is among the reference's two best at that step
+    near_tie: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """The first index where the sequences differ (a length difference counts), or None if they are equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@torch.no_grad()
+def next_token_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
+    """float32 logits ``[vocab]`` (on the CPU) of the token after ``token_ids``, by one eager prefill through the
+    engine's model in scratch blocks of its pool (the engine must be idle; the blocks are freed again)."""
+    if engine.has_unfinished():
+        raise RuntimeError("next_token_logits needs an idle engine (requests are still running)")
+    n, bs = len(token_ids), engine.config.block_size
+    if not 0 < n < engine.max_model_len:
+        raise ValueError(f"need 1..{engine.max_model_len - 1} tokens, got {n}")
+    blocks = engine.block_manager.allocate(-(-n // bs))
+    try:
+        pos = np.arange(n, dtype=np.int64)
+        table = np.asarray(blocks, dtype=np.int64)
+        hb = HostBatch(np.asarray(token_ids, dtype=np.int64), pos, table[pos // bs] * bs + pos % bs,
+                       np.array([0, n], dtype=np.int64), np.array([n], dtype=np.int64), table[None, :],
+                       np.array([n - 1], dtype=np.int64), [blocks])
+        runner = engine.runner
+        logits = runner.model.forward(runner.upload(hb), runner.pool, runner.kernels)
+        return logits[0].float().cpu()
+    finally:
+        engine.block_manager.free_blocks(blocks)
+
+
+def analyse(test: LLMEngine, ref: LLMEngine, prompts: list[list[int]], tokens_test: list[list[int]],
+            tokens_ref: list[list[int]], noise_factor: float = NOISE_FACTOR) -> list[Divergence]:
+    """One :class:`Divergence` per prompt whose greedy outputs differ (see the module docstring)."""
+    if not len(prompts) == len(tokens_test) == len(tokens_ref):
+        raise ValueError(f"{len(prompts)} prompts, {len(tokens_test)} and {len(tokens_ref)} outputs")
+    out = []
+    for i, (p, a, b) in enumerate(zip(prompts, tokens_test, tokens_ref)):
+        step = first_divergence(a, b)
+        if step is None:
+            continue
+        if step >= min(len(a), len(b)):
+            raise ValueError(f"prompt {i}: one output is a prefix of the other ({len(a)} vs {len(b)} tokens): the "
+                             f"runs used different stopping rules, not different tokens")
+        prefix = p + b[:step]
+        lt, lr = next_token_logits(test, prefix), next_token_logits(ref, prefix)
+        top2 = torch.topk(lr, 2)
+        margin = float(top2.values[0] - top2.values[1])
+        top = torch.topk(lr, min(NOISE_TOP_K, lr.numel())).indices
+        noise = float((lt - lr)[top].pow(2).mean().sqrt())
+        # the test token must be one of the reference's two best (normally its second; its first when the
+        # reference's own decode history rounded the other way)
+        in_top2 = a[step] in top2.indices.tolist()
+        out.append(Divergence(i, step, a[step], b[step], margin, noise, in_top2,
+                              in_top2 and margin <= noise_factor * noise))
+    return out

@@ -1,0 +1,314 @@
+"""Paged attention in Triton: a prefill kernel (variable lengths, causal, continuing from cached KV) and a
+flash-decoding decode kernel (the context split across programs, then merged).
+
+Reference: :func:`morphserve.kernels.reference.paged_attention`.  Both kernels read K/V through the pool's
+segment table (:func:`morphserve.kernels.kv_store.kv_row_ptrs`), so blocks of extension segments are read like
+base-pool blocks.  Softmax runs in the base-2 domain (``scale * log2(e)`` folded into the scores) with float32
+statistics and accumulators; probabilities are cast to the activation dtype before the ``P @ V`` product, as in
+FlashAttention.
+
+**Batch layout** (:class:`PagedAttentionMetadata`, all int64 on the device).  Sequence ``s`` owns query rows
+``query_start[s]:query_start[s+1]``: the *last* ``n_s`` of its ``context_lens[s]`` cached tokens (the current
+step's K/V are stored before attention runs), so query row ``i`` sits at position ``ctx - n_s + i`` and attends to
+keys ``0..ctx - n_s + i``.  That covers a whole prompt, a chunk continuing a partly computed prompt, and a single
+decode token alike.  ``block_tables[s, j]`` is the global id of the block holding tokens ``j*bs:(j+1)*bs``.
+
+**Prefill** (any batch).  The grid is (query tile, head).  The host builds the tile map (which sequence and which
+row offset each tile covers) from the query lengths it already knows, so a step that mixes one long chunk with many
+decode rows launches exactly the tiles it needs.  A tile stops at its last row's causal bound.
+
+**Decode** (every sequence has one query row).  The grid is (sequence, KV head, split): one program serves all the
+query heads of a KV head (GQA groups share each K/V tile; the group is padded to 16 rows for the tensor cores; with
+MHA the single query row is multiplied on the CUDA cores instead of being padded), and
+each sequence's context is cut into ``num_splits`` equal ranges rounded to ``BLOCK_N``.  With one split the kernel
+writes the output; otherwise each program writes its normalised partial output and log-sum-exp, and
+:func:`_decode_reduce_kernel` merges them.  ``num_splits`` depends only on the batch shape (never on the context
+lengths), so one CUDA graph per batch size serves every context; a split past the end of a short context writes an
+empty partial (log-sum-exp ``-inf``).  A sequence with ``context_lens = 0`` (a padding row) yields zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from morphserve.kernels.kv_store import KVAddress, kv_row_ptrs
+from morphserve.kernels.pdl import pdl_trigger, pdl_wait
+from morphserve.kernels.triton_support import dot_precision, launch_options
+
+PREFILL_BLOCK_M = 64  # query rows per prefill tile (the host's tile map uses it)
+PREFILL_BLOCK_N = 64
+DECODE_BLOCK_N = 64
+MAX_DECODE_SPLITS = 16
+LOG2E = 1.4426950408889634
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """Device-side description of a step's sequences (see the module docstring)."""
+
+    query_start: torch.Tensor  # int64 [S + 1]
+    context_lens: torch.Tensor  # int64 [S]
+    block_tables: torch.Tensor  # int64 [S, W]
+    max_query_len: int
+    tile_seq: torch.Tensor | None = None  # int64 [tiles]: prefill tile -> sequence
+    tile_start: torch.Tensor | None = None  # int64 [tiles]: prefill tile -> first query row within the sequence
+    num_splits: int = 1  # decode context splits
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+    @staticmethod
+    def from_lists(query_start: list[int], context_lens: list[int], block_tables: list[list[int]],
+                   device: torch.device | str, num_splits: int = 1) -> "PagedAttentionMetadata":
+        """Build from host lists (tests, and batches that arrive without device metadata)."""
+        qs = np.asarray(query_start, dtype=np.int64)
+        width = max((len(t) for t in block_tables), default=0) or 1
+        tables = np.zeros((len(block_tables), width), dtype=np.int64)
+        for i, t in enumerate(block_tables):
+            tables[i, :len(t)] = t
+        meta = PagedAttentionMetadata(torch.from_numpy(qs).to(device),
+                                      torch.tensor(context_lens, dtype=torch.int64, device=device),
+                                      torch.from_numpy(tables).to(device),
+                                      int(np.diff(qs).max()) if len(qs) > 1 else 0, num_splits=num_splits)
+        if not meta.is_decode:
+            meta.tile_seq, meta.tile_start = prefill_tile_map(qs, device)
+        return meta
+
+
+def prefill_tile_map(query_start: np.ndarray, device: torch.device | str,
+                     block_m: int = PREFILL_BLOCK_M) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each prefill tile, its sequence and its first row within that sequence's query rows (vectorised)."""
+    lens = np.diff(query_start)
+    tiles = -(-lens // block_m)
+    seq = np.repeat(np.arange(len(lens), dtype=np.int64), tiles)
+    first = np.repeat(np.cumsum(tiles) - tiles, tiles)
+    start = (np.arange(seq.shape[0], dtype=np.int64) - first) * block_m
+    both = torch.from_numpy(np.stack([seq, start])).to(device)
+    return both[0], both[1]
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Context splits for a decode batch: enough programs for two per multiprocessor, at most
+    :data:`MAX_DECODE_SPLITS`.  A function of the batch shape only (see the module docstring), with the batch
+    rounded up to a power of two: the CUDA-graph buckets, so eager and graph decode split alike."""
+    padded = 1 << max(0, num_seqs - 1).bit_length()
+    return max(1, min(MAX_DECODE_SPLITS, (2 * num_sms) // max(1, padded * num_kv_heads)))
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, out_ptr, qs_ptr, ctx_ptr, tables_ptr, table_stride, tile_seq_ptr, tile_start_ptr,
+                    kv_ptr, seg_base_ptr, shift, block_stride, base_addr, layer, scale_log2, H: tl.constexpr,
+                    KVH: tl.constexpr, ELEM_BYTES: tl.constexpr,
+                    GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    s = tl.load(tile_seq_ptr + tile).to(tl.int32)
+    m0 = tl.load(tile_start_ptr + tile).to(tl.int32)
+    q_lo = tl.load(qs_ptr + s).to(tl.int32)
+    n_q = tl.load(qs_ptr + s + 1).to(tl.int32) - q_lo
+    ctx = tl.load(ctx_ptr + s).to(tl.int32)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    rmask = rows < n_q
+    qpos = ctx - n_q + rows
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + ((q_lo + rows) * H + h)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    head_off = (layer * 2 * KVH + kvh) * (BS * D)
+    kv_end = tl.minimum(ctx, ctx - n_q + m0 + BLOCK_M)
+    for n0 in range(0, kv_end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < kv_end
+        blk = tl.load(tables_ptr + s * table_stride + n // BS, mask=nmask, other=0)
+        base = kv_row_ptrs(kv_ptr, seg_base_ptr, blk, head_off + (n % BS) * D, shift, block_stride, base_addr,
+                           ELEM_BYTES)
+        k = tl.load(base[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(base[:, None] + KVH * BS * D + d[None, :], mask=nmask[:, None], other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        sc = tl.where((n[None, :] <= qpos[:, None]) & nmask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE), v, input_precision=DOT_PREC)
+        m_i = m_new
+    pdl_trigger(USE_PDL)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + ((q_lo + rows) * H + h)[:, None] * D + d[None, :], o.to(DTYPE), mask=rmask[:, None])
+
+
+@triton.jit
+def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr, table_stride, kv_ptr,
+                   seg_base_ptr, shift, block_stride, base_addr, layer, scale_log2, num_splits, H: tl.constexpr,
+                   KVH: tl.constexpr, ELEM_BYTES: tl.constexpr,
+                   GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + s).to(tl.int32)
+    per = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per
+    end = tl.minimum(start + per, ctx)
+    g = tl.arange(0, GROUP_P2)
+    gmask = g < GROUP
+    head = kvh * GROUP + g
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (s * H + head)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+    m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P2], tl.float32)
+    acc = tl.zeros([GROUP_P2, D], tl.float32)
+    head_off = (layer * 2 * KVH + kvh) * (BS * D)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        blk = tl.load(tables_ptr + s * table_stride + n // BS, mask=nmask, other=0)
+        base = kv_row_ptrs(kv_ptr, seg_base_ptr, blk, head_off + (n % BS) * D, shift, block_stride, base_addr,
+                           ELEM_BYTES)
+        k = tl.load(base[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(base[:, None] + KVH * BS * D + d[None, :], mask=nmask[:, None], other=0.0)
+        if GROUP == 1:  # MHA: one query row, no tensor cores (a [1, D] x [D, N] product is a dot per key)
+            sc = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2
+        else:  # GQA: the group's rows (padded to 16) share each K/V tile
+            sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        sc = tl.where(nmask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if GROUP == 1:
+            pv = tl.sum(p.to(DTYPE).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        else:
+            pv = tl.dot(p.to(DTYPE), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    pdl_trigger(USE_PDL)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if num_splits == 1:
+        tl.store(out_ptr + (s * H + head)[:, None] * D + d[None, :], o.to(DTYPE), mask=gmask[:, None])
+    else:
+        row = (s * H + head) * num_splits + split
+        tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=gmask[:, None])
+        lse = m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))
+        tl.store(part_lse_ptr + row, tl.where(l_i > 0, lse, float("-inf")), mask=gmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(out_ptr, part_o_ptr, part_lse_ptr, num_splits, H: tl.constexpr, D: tl.constexpr,
+                          SPLITS_P2: tl.constexpr, DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
+    pdl_trigger(USE_PDL)
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    j = tl.arange(0, SPLITS_P2)
+    jmask = j < num_splits
+    row = (s * H + h) * num_splits + j
+    lse = tl.load(part_lse_ptr + row, mask=jmask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    d = tl.arange(0, D)
+    o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=jmask[:, None], other=0.0)
+    total = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + (s * H + h) * D + d, res.to(DTYPE))
+
+
+def _check(q: torch.Tensor, addr: KVAddress, meta: PagedAttentionMetadata) -> tuple[int, int, int]:
+    if q.dim() != 3 or not q.is_contiguous() or q.shape[2] != addr.head_dim or q.shape[1] % addr.num_kv_heads:
+        raise ValueError(f"paged attention expects contiguous q [T, heads, {addr.head_dim}] with heads a multiple "
+                         f"of {addr.num_kv_heads} KV heads, got {tuple(q.shape)}")
+    t, heads, d = q.shape
+    return t, heads, d
+
+
+def paged_attention_prefill(q: torch.Tensor, addr: KVAddress, layer: int, meta: PagedAttentionMetadata,
+                            scale: float) -> torch.Tensor:
+    """Causal paged attention for any batch (see the module docstring); ``q``: ``[T, heads, head_dim]``
+    contiguous, rotated.  Returns ``[T, heads * head_dim]``."""
+    t, heads, d = _check(q, addr, meta)
+    if meta.tile_seq is None or meta.tile_start is None:
+        raise ValueError("prefill attention needs the tile map (PagedAttentionMetadata.tile_seq/tile_start)")
+    out = torch.empty((t, heads * d), dtype=q.dtype, device=q.device)
+    tiles = meta.tile_seq.shape[0]
+    if tiles:
+        _prefill_kernel[(tiles, heads)](
+            q, out, meta.query_start, meta.context_lens, meta.block_tables, meta.block_tables.stride(0),
+            meta.tile_seq, meta.tile_start, addr.base, addr.seg_base_ptr, addr.shift, addr.block_stride,
+            addr.base_addr, layer, scale * LOG2E, H=heads, KVH=addr.num_kv_heads, ELEM_BYTES=addr.elem_bytes,
+            GROUP=heads // addr.num_kv_heads, D=d,
+            BS=addr.block_size, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, DTYPE=addr.dtype,
+            DOT_PREC=dot_precision(q.dtype), num_warps=4 if d <= 64 else 8, num_stages=2, **launch_options(q.device))
+    return out
+
+
+def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: PagedAttentionMetadata,
+                           scale: float) -> torch.Tensor:
+    """Flash-decoding over the paged cache for batches of one query row per sequence (``q``: ``[S, heads,
+    head_dim]``, row ``s`` belongs to sequence ``s``); ``meta.num_splits`` context splits.  Returns
+    ``[S, heads * head_dim]``."""
+    t, heads, d = _check(q, addr, meta)
+    if t != meta.num_seqs or not meta.is_decode:
+        raise ValueError(f"decode attention needs one query row per sequence: {t} rows for {meta.num_seqs} "
+                         f"sequences (max query length {meta.max_query_len})")
+    splits = meta.num_splits
+    if not 1 <= splits <= MAX_DECODE_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_DECODE_SPLITS}], got {splits}")
+    out = torch.empty((t, heads * d), dtype=q.dtype, device=q.device)
+    if not t:
+        return out
+    kvh = addr.num_kv_heads
+    group = heads // kvh
+    if splits > 1:
+        part_o = torch.empty((t, heads, splits, d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((t, heads, splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    opts = launch_options(q.device)
+    _decode_kernel[(t, kvh, splits)](
+        q, out, part_o, part_lse, meta.context_lens, meta.block_tables, meta.block_tables.stride(0), addr.base,
+        addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, scale * LOG2E, splits, H=heads,
+        KVH=kvh, ELEM_BYTES=addr.elem_bytes,
+        GROUP=group, GROUP_P2=1 if group == 1 else max(16, triton.next_power_of_2(group)), D=d, BS=addr.block_size,
+        BLOCK_N=DECODE_BLOCK_N, DTYPE=addr.dtype, DOT_PREC=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        **opts)
+    if splits > 1:
+        _decode_reduce_kernel[(t, heads)](out, part_o, part_lse, splits, H=heads, D=d,
+                                          SPLITS_P2=triton.next_power_of_2(MAX_DECODE_SPLITS),
+                                          DTYPE=addr.dtype, num_warps=4, **opts)
+    return out
+
+
+def paged_attention(q: torch.Tensor, addr: KVAddress, layer: int, meta: PagedAttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """The decode kernel when every sequence has one query row, else the prefill kernel."""
+    if meta.is_decode:
+        return paged_attention_decode(q, addr, layer, meta, scale)
+    return paged_attention_prefill(q, addr, layer, meta, scale)
+
+
+def attention_flops(query_lens: list[int], context_lens: list[int], num_heads: int, head_dim: int) -> float:
+    """Multiply-add FLOPs (2 per MAC) of causal attention for one layer: ``QK^T`` and ``PV`` over each query
+    row's visible keys."""
+    total = 0.0
+    for n, ctx in zip(query_lens, context_lens):
+        first = ctx - n + 1  # keys visible to the first query row
+        keys = n * (first + ctx) / 2  # sum over rows of visible keys
+        total += 4.0 * keys * head_dim * num_heads
+    return total
+

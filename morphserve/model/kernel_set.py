@@ -1,0 +1,230 @@
+"""The kernels a forward pass runs, behind one interface: the pure-PyTorch reference set and the Triton set.
+
+:class:`LlamaModel.forward <morphserve.model.llama.LlamaModel.forward>` is written once against
+:class:`KernelSet`; the set decides how each step is computed:
+
+=====================  ===========================================  ==============================================
+operation              :class:`ReferenceKernels` (CPU path, truth)  :class:`TritonKernels` (the CUDA fast path)
+=====================  ===========================================  ==============================================
+RMSNorm (+ residual)   ``reference.rms_norm`` / ``add_rms_norm``    :mod:`morphserve.kernels.norm` (in place)
+RoPE + KV store        ``reference.rotary`` + ``KVPool.store``      :func:`morphserve.kernels.kv_store.rope_and_store`
+paged attention        ``reference.paged_attention`` (per seq)      :mod:`morphserve.kernels.attention`
+SiLU-and-mul           ``reference.silu_and_mul``                   :mod:`morphserve.kernels.activation`
+projections            ``linear()`` -> ``F.linear``                 ``linear()`` -> Triton GEMV at small M (fp16/bf16)
+LM head                ``F.linear``                                 Triton GEMV at small M, else ``F.linear``
+=====================  ===========================================  ==============================================
+
+Projections always go through :func:`morphserve.model.linear.linear` (the precision dispatch); the Triton set
+only opens the :func:`morphserve.kernels.gemv.enabled` scope around the forward, in which the FP16 kernel takes
+the Triton path for small batches.
+
+:meth:`KernelSet.begin` turns a :class:`~morphserve.model.llama.ForwardBatch` into the per-step state its kernels
+need (the reference set gathers the RoPE rows; the Triton set builds :class:`PagedAttentionMetadata`, reusing the
+device tensors the model runner uploaded).  :func:`select_kernel_set` picks the Triton set on CUDA and the
+reference set on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ContextManager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from morphserve.kernels import reference as ref
+from morphserve.kernels.triton_support import interpreting, triton_usable
+from morphserve.memory.kv_pool import KVPool
+
+if TYPE_CHECKING:
+    from morphserve.model.llama import ForwardBatch, LlamaModel
+
+
+class KernelSet(ABC):
+    """One implementation of every non-projection kernel of the decoder (see the module docstring)."""
+
+    name: str
+
+    @abstractmethod
+    def begin(self, model: "LlamaModel", batch: "ForwardBatch", pool: KVPool) -> Any:
+        """Per-step state shared by the layers of one forward."""
+
+    def linear_scope(self) -> ContextManager[None]:
+        """Context entered around the forward (how projections are routed)."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    @abstractmethod
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual + x`` and its RMSNorm: returns ``(normed, new residual)``."""
+
+    @abstractmethod
+    def rope_and_store(self, qkv: torch.Tensor, state: Any, pool: KVPool, layer: int) -> torch.Tensor:
+        """Rotate Q and K of the fused projection, store K/V of ``layer``; returns Q ``[T, heads, head_dim]``."""
+
+    @abstractmethod
+    def attention(self, q: torch.Tensor, state: Any, pool: KVPool, layer: int) -> torch.Tensor:
+        """Causal paged attention of ``q`` against the cache; returns ``[T, heads * head_dim]``."""
+
+    @abstractmethod
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def lm_head(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``h @ weight.T``."""
+
+
+@dataclass
+class _ReferenceState:
+    batch: "ForwardBatch"
+    cos: torch.Tensor  # [T, head_dim], gathered at each token's position
+    sin: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+
+
+class ReferenceKernels(KernelSet):
+    """The pure-PyTorch kernels of :mod:`morphserve.kernels.reference` (runs on CPU and CUDA)."""
+
+    name = "reference"
+
+    def begin(self, model: "LlamaModel", batch: "ForwardBatch", pool: KVPool) -> _ReferenceState:
+        cfg = model.cfg
+        return _ReferenceState(batch, model.cos[batch.positions], model.sin[batch.positions], cfg.num_heads,
+                               cfg.num_kv_heads, cfg.head_dim, model.scale)
+
+    def rms_norm(self, x, weight, eps):
+        return ref.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return ref.add_rms_norm(x, residual, weight, eps)
+
+    def rope_and_store(self, qkv, state: _ReferenceState, pool, layer):
+        q_size, kv_size = state.num_heads * state.head_dim, state.num_kv_heads * state.head_dim
+        qh = qkv[:, :q_size].view(-1, state.num_heads, state.head_dim)
+        kh = qkv[:, q_size:q_size + kv_size].view(-1, state.num_kv_heads, state.head_dim)
+        vh = qkv[:, q_size + kv_size:].view(-1, state.num_kv_heads, state.head_dim)
+        qh, kh = ref.rotary(qh, state.cos, state.sin), ref.rotary(kh, state.cos, state.sin)
+        pool.store(layer, kh, vh, state.batch.slot_mapping)
+        return qh
+
+    def attention(self, q, state: _ReferenceState, pool, layer):
+        b = state.batch
+        return ref.paged_attention(q, pool, layer, b.query_start, b.context_lens, b.block_tables, state.scale)
+
+    def silu_and_mul(self, gate_up):
+        return ref.silu_and_mul(gate_up)
+
+    def lm_head(self, h, weight):
+        return F.linear(h, weight).float()
+
+
+@dataclass
+class _TritonState:
+    batch: "ForwardBatch"
+    addr: Any  # KVAddress
+    meta: Any  # PagedAttentionMetadata
+    cos: torch.Tensor  # full tables [max_position, head_dim]
+    sin: torch.Tensor
+    num_heads: int
+    scale: float
+
+
+class TritonKernels(KernelSet):
+    """The Triton kernels (compiled on CUDA; under the interpreter on CPU, for tests)."""
+
+    name = "triton"
+
+    def __init__(self, device: torch.device | str):
+        device = torch.device(device)
+        if not triton_usable(device):
+            hint = ("CUDA tensors need compiled kernels: unset TRITON_INTERPRET" if device.type == "cuda" else
+                    "on CPU they run only under the interpreter (morphserve.kernels.triton_support."
+                    "enable_interpreter() before importing the kernels)")
+            raise ValueError(f"Triton kernels cannot run on device {str(device)!r}: {hint}")
+        # Imported here: the kernel modules decorate @triton.jit functions, which must happen after the
+        # interpreter switch on CPU, and the CPU reference path never needs Triton.
+        from morphserve.kernels import activation, attention, gemv, kv_store, norm
+
+        self._activation, self._attention, self._gemv = activation, attention, gemv
+        self._kv_store, self._norm = kv_store, norm
+        self.device = device
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else 4)
+        self._addr: dict[int, Any] = {}
+
+    def address(self, pool: KVPool) -> Any:
+        addr = self._addr.get(id(pool))
+        if addr is None or addr.seg_base_ptr is not pool.seg_base_ptr:
+            addr = self._addr[id(pool)] = self._kv_store.KVAddress.of(pool)
+        return addr
+
+    def metadata(self, batch: "ForwardBatch", num_kv_heads: int) -> Any:
+        """The attention metadata of ``batch``: its uploaded device tensors, plus the prefill tile map or the
+        decode split count."""
+        attn = self._attention
+        qs_host = np.asarray(batch.query_start, dtype=np.int64)
+        max_q = int(np.diff(qs_host).max()) if len(qs_host) > 1 else 0
+        if batch.query_start_t is None or batch.context_lens_t is None or batch.block_tables_t is None:
+            meta = attn.PagedAttentionMetadata.from_lists(batch.query_start, batch.context_lens,
+                                                          batch.block_tables, batch.token_ids.device)
+        else:
+            meta = attn.PagedAttentionMetadata(batch.query_start_t, batch.context_lens_t, batch.block_tables_t,
+                                               max_q)
+            if not meta.is_decode:
+                meta.tile_seq, meta.tile_start = attn.prefill_tile_map(qs_host, batch.token_ids.device)
+        if meta.is_decode:
+            meta.num_splits = batch.num_splits or attn.decode_splits(meta.num_seqs, num_kv_heads, self.num_sms)
+        return meta
+
+    def begin(self, model: "LlamaModel", batch: "ForwardBatch", pool: KVPool) -> _TritonState:
+        cfg = model.cfg
+        return _TritonState(batch, self.address(pool), self.metadata(batch, cfg.num_kv_heads), model.cos,
+                            model.sin, cfg.num_heads, model.scale)
+
+    def linear_scope(self):
+        return self._gemv.enabled()
+
+    def rms_norm(self, x, weight, eps):
+        return self._norm.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return self._norm.add_rms_norm(x, residual, weight, eps)
+
+    def rope_and_store(self, qkv, state: _TritonState, pool, layer):
+        b = state.batch
+        return self._kv_store.rope_and_store(qkv, state.num_heads, b.positions, state.cos, state.sin, state.addr,
+                                             layer, b.slot_mapping)
+
+    def attention(self, q, state: _TritonState, pool, layer):
+        return self._attention.paged_attention(q, state.addr, layer, state.meta, state.scale)
+
+    def silu_and_mul(self, gate_up):
+        return self._activation.silu_and_mul(gate_up)
+
+    def lm_head(self, h, weight):
+        return self._gemv.matmul(h, weight).float()
+
+
+KERNEL_SETS = ("reference", "triton")
+
+
+def select_kernel_set(device: torch.device | str, name: str | None = None) -> KernelSet:
+    """``name`` ("reference" or "triton"), or by default: Triton on CUDA, the reference set elsewhere (also on
+    CPU under the Triton interpreter, which is for tests that ask for it by name)."""
+    device = torch.device(device)
+    if name is None:
+        name = "triton" if device.type == "cuda" and not interpreting() else "reference"
+    if name == "reference":
+        return ReferenceKernels()
+    if name == "triton":
+        return TritonKernels(device)
+    raise ValueError(f"unknown kernel set {name!r}; choose one of {KERNEL_SETS}")

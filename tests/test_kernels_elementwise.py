@@ -1,0 +1,150 @@
+"""Triton RMSNorm (+ residual), RoPE, SiLU-and-mul and GEMV against the pure-PyTorch references.
+
+Runs compiled on CUDA, or under the Triton interpreter on CPU (shapes kept tiny).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    from morphserve.kernels.triton_support import enable_interpreter
+
+    enable_interpreter()
+
+from morphserve.kernels import reference as ref  # noqa: E402
+from morphserve.kernels.activation import silu_and_mul  # noqa: E402
+from morphserve.kernels import gemv as G  # noqa: E402
+from morphserve.kernels.gemv import CANDIDATES, GemvConfig, enabled, gemv, linear_fp16, matmul  # noqa: E402
+from morphserve.kernels.norm import add_rms_norm, rms_norm  # noqa: E402
+from morphserve.kernels.rotary import rotary  # noqa: E402
+from morphserve.memory.weight_arena import LayerWeights, Precision  # noqa: E402
+from morphserve.model.linear import linear  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+
+
+def _rand(*shape, dtype):
+    return torch.randn(*shape, device=DEV).to(dtype)
+
+
+def _ulps(a, b, dtype):
+    """Largest difference in units of the dtype's epsilon, relative to each element's magnitude (rows whose
+    elements are computed independently, with no cancellation)."""
+    a, b = a.float(), b.float()
+    return ((a - b).abs() / (b.abs() + 1e-3)).max().item() / torch.finfo(dtype).eps
+
+
+def _scaled_err(a, b, dtype):
+    """Largest difference in units of the dtype's epsilon relative to the largest magnitude: for sums of products
+    (RoPE's ``x*cos + rot*sin``), where the GPU may fuse a product into the add (one rounding fewer than PyTorch)
+    and a near-cancelling sum has no meaningful relative error."""
+    a, b = a.float(), b.float()
+    return (a - b).abs().max().item() / (b.abs().max().item() * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_fused_residual(dtype):
+    x, res, w = _rand(5, 96, dtype=dtype), _rand(5, 96, dtype=dtype), _rand(96, dtype=dtype)
+    assert _ulps(rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), dtype) <= 4
+    r = res.clone()
+    h, r_out = add_rms_norm(x, r, w, 1e-5)
+    h_ref, r_ref = ref.add_rms_norm(x, res, w, 1e-5)
+    assert r_out.data_ptr() == r.data_ptr() and torch.equal(r, r_ref)  # residual updated in place, exactly
+    assert _ulps(h, h_ref, dtype) <= 4
+    # non-contiguous rows (a strided view) are read through their stride
+    wide = _rand(5, 192, dtype=dtype)
+    assert _ulps(rms_norm(wide[:, :96], w, 1e-5), ref.rms_norm(wide[:, :96], w, 1e-5), dtype) <= 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary(dtype):
+    x = _rand(6, 3, 64, dtype=dtype)
+    pos = torch.tensor([0, 5, 7, 2, 31, 9], device=DEV)
+    cos, sin = _rand(32, 64, dtype=dtype), _rand(32, 64, dtype=dtype)
+    assert _scaled_err(rotary(x, pos, cos, sin), ref.rotary(x, cos[pos], sin[pos]), dtype) <= 2
+    with pytest.raises(ValueError, match="positions"):
+        rotary(x, pos[:2], cos, sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    gu = _rand(3, 2 * 80, dtype=dtype)
+    # Triton's exp is not PyTorch's: 2.3 float32 ulps measured on an H200 (2026-11-22)
+    assert _ulps(silu_and_mul(gu), ref.silu_and_mul(gu), dtype) <= 4
+    with pytest.raises(ValueError, match=r"\[T, 2\*I\]"):
+        silu_and_mul(_rand(3, 5, dtype=dtype))
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
+@pytest.mark.parametrize("k", [256, 200])  # even and ragged K
+def test_gemv_matches_f_linear(m, k):
+    dtype = torch.float16
+    x, w = _rand(m, k, dtype=dtype), _rand(48, k, dtype=dtype)
+    want = x.float() @ w.float().T
+    bm = 1 if m == 1 else 16
+    for cfg in [None, GemvConfig(bm, 16, 64, 4, 1), GemvConfig(bm, 16, 64, 4, 1, split_k=2),
+                GemvConfig(bm, 16, 32, 4, 1, split_k=8)]:
+        got = gemv(x, w, cfg)
+        err = (got.float() - want).abs().max().item()
+        assert err <= 2e-3 * want.abs().max().item() + 1e-2, (cfg, err)
+
+
+def test_gemv_candidates_are_valid_and_bad_configs_rejected():
+    assert set(CANDIDATES) == set(G.TUNED_MS)
+    assert all(c.block_m == 1 for c in CANDIDATES[1]) and all(c.block_m >= 16 for c in CANDIDATES[16])
+    assert G.tuned_m(1) == 1 and G.tuned_m(3) == 4 and G.tuned_m(40) == 64 and G.tuned_m(65) is None
+    with pytest.raises(ValueError, match="power of two"):
+        GemvConfig(1, 12, 64, 4, 1)
+    with pytest.raises(ValueError, match="power of two"):
+        GemvConfig(1, 16, 64, 4, 1, split_k=3)
+    with pytest.raises(ValueError, match=">= 16"):
+        GemvConfig(16, 8, 64, 4, 1)
+    x, w = _rand(2, 64, dtype=torch.float16), _rand(16, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="M == 1"):
+        gemv(x, w, GemvConfig(1, 16, 64, 4, 1))
+    with pytest.raises(ValueError, match="do not match"):
+        gemv(x, w.float())
+
+
+def test_tuning_table_routes_per_shape(monkeypatch, tmp_path):
+    """A tuned shape follows its table entry (a config: Triton; null: cuBLAS) at any M up to the largest tuned
+    M; an untuned shape follows MAX_M; tables round-trip through JSON."""
+    monkeypatch.setattr(G, "_TABLE", {})
+    dev = G._device_name(_rand(1, dtype=torch.float16))
+    cfg = GemvConfig(1, 8, 64, 4, 1, split_k=2)
+    G.set_tuned(dev, 32, 64, 1, cfg)
+    G.set_tuned(dev, 32, 64, 4, None)
+    path = tmp_path / "t.json"
+    path.write_text(__import__("json").dumps({dev: G.tuning_rows(dev)}))
+    monkeypatch.setattr(G, "_TABLE", {})
+    G.load_tuning(path)
+    w = _rand(32, 64, dtype=torch.float16)
+    with enabled():
+        assert G.use_triton(_rand(1, 64, dtype=torch.float16), w)
+        assert not G.use_triton(_rand(3, 64, dtype=torch.float16), w)  # M=3 uses the M=4 entry: cuBLAS
+        other = _rand(16, 64, dtype=torch.float16)  # untuned shape: MAX_M decides
+        assert G.use_triton(_rand(G.MAX_M, 64, dtype=torch.float16), other)
+        assert not G.use_triton(_rand(G.MAX_M + 1, 64, dtype=torch.float16), other)
+
+
+def test_linear_routes_through_triton_only_inside_the_scope(monkeypatch):
+    calls = []
+    import morphserve.kernels.gemv as g
+
+    real = g.gemv
+    monkeypatch.setattr(g, "gemv", lambda x, w, config=None: calls.append(x.shape[0]) or real(x, w, config))
+    w = _rand(32, 64, dtype=torch.float16)
+    lw = LayerWeights(0, Precision.FP16, {"o": w})
+    x = _rand(2, 64, dtype=torch.float16)
+    out = linear(x, lw, "o")  # outside the scope: the reference F.linear
+    assert calls == [] and torch.equal(out, F.linear(x, w))
+    with enabled():
+        got = linear(x, lw, "o")
+        assert calls == [2]
+        linear(_rand(g.MAX_M + 1, 64, dtype=torch.float16), lw, "o")  # above the threshold: F.linear
+        matmul(x.float(), w.float())  # float32: F.linear
+    assert calls == [2]
+    assert (got.float() - F.linear(x, w).float()).abs().max() < 1e-2
+    assert linear_fp16 is not None
