@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export MORPHSERVE_DATA_MIRROR ?= $(abspath ../shared/data)
 PYTEST_ARGS ?=
 
-.PHONY: reproduce test venv clean-artifacts
+.PHONY: reproduce test venv clean-artifacts bench-compare bench-baseline
 
 venv: $(VENV)/.installed
 
@@ -25,4 +25,15 @@ test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-artifacts:
-	rm -rf results artifacts/*.json artifacts/*.md artifacts/*.csv artifacts/*.png
+	rm -rf results logs
+	find artifacts -mindepth 1 ! -name README.md -exec rm -rf {} +
+
+# Regression benchmarks (tests/bench): compare with the stored baseline of this machine class; fails when any
+# benchmark's median is more than 25% slower.  Run on an otherwise idle machine.
+BENCH_ARGS := tests/bench -p no:cacheprovider --benchmark-enable --benchmark-only --benchmark-storage=file://benchmarks/baseline
+
+bench-compare: venv
+	$(BIN)/python -m pytest $(BENCH_ARGS) --benchmark-compare --benchmark-compare-fail=median:25%
+
+bench-baseline: venv
+	$(BIN)/python -m pytest $(BENCH_ARGS) --benchmark-save=cpu
