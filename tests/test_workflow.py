@@ -179,3 +179,13 @@ def test_quality_change_and_tables():
     assert "| selective-8 | 4.00 | n/a |" in md
     assert [fmt(x) for x in (None, 0.0, 0.01234, 5.678, 1234.5, 7, True)] == \
         ["n/a", "0", "0.0123", "5.68", "1234", "7", "yes"]
+
+
+def test_claims_need_enough_requests():
+    runs = _runs([dict(system="fp16", ttft_violation_rate=0.5, ttft_p95_s=8.0, quality=20.0, ok=3),
+                  dict(system="morphserve-default", ttft_violation_rate=0.0, ttft_p95_s=1.0, quality=20.0, ok=3)])
+    claims = yaml.safe_load((ROOT / "config" / "claims.yaml").read_text())
+    got = {v.id: v for v in C.evaluate(runs, CFG, claims, "1.3")}
+    assert got["slo_violations"].verdict == C.NOT_COMPARABLE
+    assert got["slo_violations"].reason.startswith("no run has 10 finished requests (these have 3 to 3)")
+    assert "finished requests" not in got["kv_capacity"].reason  # memory accounting needs no samples

@@ -29,7 +29,8 @@ sns.ecdfplot(data=df, x="tpot_ms", hue="system", hue_order=systems, palette=pale
 slo = float(meta.slo_tpot_s.iloc[0]) * 1e3
 ax.axvline(slo, color="black", linestyle=":", linewidth=1)
 ax.text(slo, 0.02, f" TPOT SLO {slo:.0f} ms", fontsize=8)
-ax.set_xlabel("TPOT per request (ms per output token)")
+ax.set_xscale("log")
+ax.set_xlabel("TPOT per request (ms per output token, log scale)")
 ax.set_ylabel("fraction of requests")
 n = df.groupby("system").size()
 fig.suptitle(f"TPOT CDF, {w.model}, budget {w.budget}, {w.trace}, tasks {w.taskset}, load {sm.params.load}x\n"

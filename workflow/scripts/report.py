@@ -78,14 +78,14 @@ add("")
 add("**Workloads** (trace window, downsampling and rate scale; `results/<profile>/workloads/`):")
 add("")
 add("| model / budget / trace / tasks | load | trace | native rate (req/s) | offered rate (req/s) | rate scale | "
-    "requests | arrivals span (s) |")
+    "requests | last arrival (s) |")
 add("|---|---|---|---|---|---|---|---|")
 for s in sorted(wls, key=lambda s: (s["setting"]["model"], s["setting"]["budget"], s["setting"]["trace"],
                                      s["setting"]["taskset"], s["calibration"]["load_factor"])):
     st, c = s["setting"], s["calibration"]
     trace = f"{st['trace']} ({'SYNTHETIC generator' if s['synthetic']['trace'] else 'real'})"
     add(f"| {st['model']}/{st['budget']}/{st['trace']}/{st['taskset']} | {c['load_factor']:g} | {trace} | "
-        f"{fmt(c['native_rate_rps'])} | {fmt(s['workload']['rate_rps'])} | {fmt(c['rate_scale'])} | "
+        f"{fmt(c['native_rate_rps'])} | {fmt(c['target_rate_rps'])} | {fmt(c['rate_scale'])} | "
         f"{s['workload']['requests']} | {fmt(s['workload']['last_arrival_s'])} |")
 add("")
 add(f"Systems: {', '.join(f'`{s}`' for s in cfg['systems'])}; MorphServe's row in Table 5 and in single-mode "
@@ -100,7 +100,8 @@ if any("cpu" in d for d in devices):
         "paper's; absolute magnitudes depend on the hardware, and each verdict states its rule.")
     add("")
 tol = claims_cfg.get("tolerance", 0)
-add(f"Rules and tolerance ({tol:.0%} unless the claim sets its own) are in `config/claims.yaml`.")
+add(f"Rules and tolerance ({tol:.0%} unless the claim sets its own) are in `config/claims.yaml`; a run with fewer "
+    f"than {claims_cfg.get('min_requests', 0)} finished requests is not used for the claims that need samples.")
 add("")
 add("| claim | paper | measured here | reproduces | why |")
 add("|---|---|---|---|---|")

@@ -251,7 +251,13 @@ def evaluate(runs: pd.DataFrame, config: dict[str, Any], claims: dict[str, Any],
             raise ValueError(f"claim {claim['id']!r}: unknown metric {claim['metric']!r}; known: {', '.join(METRICS)}")
         reason = None
         sub = runs
-        if claim.get("needs_real_weights"):
+        min_requests = int(claims.get("min_requests", 0))
+        if claim.get("needs_samples", True) and min_requests:
+            sub = sub[sub.ok >= min_requests]
+            if sub.empty:
+                reason = (f"no run has {min_requests} finished requests (these have {int(runs.ok.min())} to "
+                          f"{int(runs.ok.max())}): too few for percentiles or quality")
+        if reason is None and claim.get("needs_real_weights"):
             sub = sub[~sub.synthetic_weights.astype(bool)]
             if sub.empty:
                 reason = "every run has synthetic weights: quality is not measured"

@@ -3,8 +3,8 @@
 Every number in the tables, figures and report comes from these rows, and every row comes from a run's files:
 ``aggregates.json`` (latency distributions, SLO attainment, throughput: morphserve.harness.metrics), ``quality.json``
 (task scores: morphserve.eval.quality), ``requests.json`` (per-request latencies, for per-task percentiles),
-``timeline.csv`` (KV capacity per step), ``run.json`` (what was installed) and the workload summary (offered rate,
-synthetic trace).  Times are seconds, rates per second, quality in percent (the headline scheme), KV in blocks.
+``timeline.csv`` (KV capacity per step), ``run.json`` (what was installed) and the workload summary (the offered
+rate, i.e. the mean arrival rate the trace was scaled to, and whether the trace is synthetic).  Times are seconds, rates per second, quality in percent (the headline scheme), KV in blocks.
 
 *Quality of a run* is the macro mean over the tasks of its task set of each task's mean headline score (a single
 task's mean when the set has one task); None when the weights are synthetic or nothing was scored.
@@ -45,7 +45,7 @@ def run_row(key: RunKey, run_dir: str | Path, workload_summary: str | Path) -> d
         "load_factor": float(key.load),
         "synthetic_trace": bool(wl["synthetic"]["trace"]),
         "synthetic_weights": bool(run["synthetic_weights"]),
-        "offered_rps": wl["workload"]["rate_rps"],
+        "offered_rps": wl["calibration"]["target_rate_rps"],
         "requests": agg["requests"]["total"],
         "ok": agg["requests"]["ok"],
         "errors": agg["requests"]["errors"],
