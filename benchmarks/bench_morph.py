@@ -28,7 +28,7 @@ from morphserve.engine.engine import LLMEngine  # noqa: E402
 from morphserve.engine.sampling_params import SamplingParams  # noqa: E402
 from morphserve.memory.kv_pool import KVPool  # noqa: E402
 from morphserve.memory.kv_resizer import KVResizer  # noqa: E402
-from morphserve.memory.layer_swapper import LayerSwapper  # noqa: E402
+from morphserve.memory.layer_swapper import LayerSwapper, chunked_copy  # noqa: E402
 from morphserve.memory.weight_arena import Precision, layout_for  # noqa: E402
 from morphserve.model.config import architecture  # noqa: E402
 from morphserve.provenance import provenance  # noqa: E402
@@ -87,6 +87,7 @@ def swap_times(engine, staged, layers, h2d_gbps, reps=3) -> list[dict]:
 
 def _land(sw: LayerSwapper, layer: int, dst: Precision):
     s = sw.request(layer, dst)
+    sw.synchronize()  # an up-swap's tail part
     sw.issue()
     sw.synchronize()
     sw.before_layer(layer)
@@ -94,12 +95,35 @@ def _land(sw: LayerSwapper, layer: int, dst: Precision):
     return s
 
 
+class _LayerwiseNoSwap:
+    """Hooks that are always active and do nothing: decode steps replay the per-layer graphs without a swap (the
+    baseline that isolates the cost of the swap itself from the cost of replaying layer by layer)."""
+
+    def __init__(self, arena):
+        self.arena = arena
+
+    def active(self) -> bool:
+        return True
+
+    def step_precision(self, layer: int):
+        return self.arena.layers[layer].precision
+
+    def before_layer(self, layer: int) -> None: ...
+
+    def after_layer(self, layer: int) -> None: ...
+
+    def after_step(self) -> None: ...
+
+
 def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps: int = 24) -> dict:
-    """Steady decode of ``batch`` requests; per-step wall time (synchronised) without swaps (graphs when the engine
-    has them, and eager), and with one FP16<->W4 swap of a staged layer issued every step (such steps run eagerly
-    with the per-layer hooks)."""
+    """Steady decode of ``batch`` requests.  Per-step wall time: the host clock around ``engine.step()``, which
+    returns once the step's sampled tokens are on the host (the copy stream is never synchronised, so a copy
+    overlaps the steps as in serving).  Four settings on the same requests: no swap with the whole-step graph, no
+    swap replaying the per-layer graphs, no swap eager, and one FP16<->W4 swap of a staged layer requested before
+    every step (its copy overlaps that step and the next; such steps replay the per-layer graphs with the
+    swapper's hooks between them).  The graphs the swaps need are captured before timing."""
     sw = LayerSwapper(engine.model.arena, staged, engine.device)
-    params = SamplingParams(max_tokens=4 * steps + 8, ignore_eos=True)
+    params = SamplingParams(max_tokens=10 * steps + 64, ignore_eos=True)
     prompt = list(range(100, 100 + context))
     for _ in range(batch):
         engine.add_request(prompt, params)
@@ -107,45 +131,136 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
             engine.scheduler.waiting:
         engine.step()
     engine.step()
+    graphs = engine.runner.graphs
+    b = graphs.bucket_for(batch)
+    for i in range(engine.model.cfg.num_layers):
+        graphs.capture_layer(i, P.FP16, b)
+    for i in layers:
+        graphs.capture_layer(i, P.W4, b)
+        graphs.capture_layer(i, P.W8, b)
 
     def timed(n, before=None) -> list[float]:
         out = []
-        for k in range(n):
+        for k in range(n + 2):  # two untimed steps first
             if before:
                 before(k)
-            torch.cuda.synchronize()
             t = time.perf_counter()
             engine.step()
-            torch.cuda.synchronize()
-            out.append(time.perf_counter() - t)
+            if k >= 2:
+                out.append(time.perf_counter() - t)
         return out
 
+    from morphserve.engine.model_runner import StepTiming
+
+    runner = engine.runner
+    runner.timing = StepTiming()
     base_graph = timed(steps)
-    graphs, engine.runner.graphs = engine.runner.graphs, None
+    base_device = runner.timing.device_forward[2:]
+    runner.timing = None
+    runner.hooks = _LayerwiseNoSwap(engine.model.arena)
+    base_layerwise = timed(steps)
+    runner.hooks = None
+    runner.graphs = None
     base_eager = timed(steps)
-    engine.runner.graphs = graphs
+    runner.graphs = graphs
     engine.morpher = None
-    engine.runner.hooks = sw
-    engine.runner.after_launch = sw.issue
-    cycle = [(layers[k % len(layers)], P.W4 if (k // len(layers)) % 2 == 0 else P.FP16) for k in range(steps)]
+    runner.hooks = sw
+
+    def issue_and_poll():
+        sw.issue()
+        sw.poll()
+
+    runner.after_launch = issue_and_poll
+    cycle = [(layers[k % len(layers)], P.W4 if (k // len(layers)) % 2 == 0 else P.FP16) for k in range(steps + 2)]
+    layerwise0 = graphs.num_layerwise_steps
 
     def swap_each_step(k):
-        sw.poll()
         layer, dst = cycle[k]
         if sw.precision(layer) != dst and not sw.busy(layer):
             sw.request(layer, dst)
 
+    graphs.full_capture_after = 10**9  # no whole-step capture of the transient maps inside the timed steps
+    runner.timing = StepTiming()
     swapping = timed(steps, swap_each_step)
-    sw.synchronize()
-    engine.runner.hooks = engine.runner.after_launch = None
+    swap_device = runner.timing.device_forward[2:]
+    runner.timing = None
+    swap_layerwise = graphs.num_layerwise_steps - layerwise0
+    while sw.active():  # let the last swaps land
+        engine.step()
+    # one swap at a time: every step from its request until it has landed (tail, head, switch), per transition
+    single = []
+    for src, dst in ((P.FP16, P.W4), (P.W4, P.FP16), (P.FP16, P.W8), (P.W8, P.FP16)):
+        for layer in layers:
+            if sw.precision(layer) != src:
+                _land(sw, layer, src)
+            engine.step()
+            sw.request(layer, dst)
+            during = []
+            runner.timing = StepTiming()
+            while sw.busy(layer):
+                t = time.perf_counter()
+                engine.step()
+                during.append(time.perf_counter() - t)
+            dev = runner.timing.device_forward
+            runner.timing = None
+            single.append({"transition": f"{src.value}->{dst.value}", "layer": layer, "steps": len(during),
+                           "max_ms": 1e3 * max(during), "mean_ms": 1e3 * statistics.fmean(during),
+                           "max_vs_graph": max(during) / statistics.median(base_graph),
+                           "step_ms": [1e3 * x for x in during], "device_ms": [1e3 * x for x in dev]})
+    # the same whole-graph steps with a bare host-to-device copy of a layer's size in flight on a side stream (no
+    # swap logic at all): separates interference of the copy itself from the cost of the swap machinery
+    scratch = torch.empty(engine.model.arena.slot_bytes, dtype=torch.uint8, device="cuda")
+    host = staged.buffer(layers[0], P.FP16)
+    side = torch.cuda.Stream()
+
+    def bare_copy(k):
+        with torch.cuda.stream(side):
+            scratch[:host.numel()].copy_(host, non_blocking=True)
+
+    def bare_chunked(k):
+        with torch.cuda.stream(side):
+            chunked_copy(scratch[:host.numel()], host)
+
+    runner.hooks = runner.after_launch = None
+    runner.timing = StepTiming()
+    bare = timed(steps, bare_copy)
+    bare_device = runner.timing.device_forward[2:]
+    runner.timing = StepTiming()
+    bare_c = timed(steps, bare_chunked)
+    bare_c_device = runner.timing.device_forward[2:]
+    runner.timing = None
+    side.synchronize()
+    del scratch
+    for layer in layers:
+        if sw.precision(layer) != P.FP16:
+            _land(sw, layer, P.FP16)
+    graphs.full_capture_after = 0
     for r in list(engine.scheduler.running) + list(engine.scheduler.waiting):
         engine.abort(r.request_id)
+    med = statistics.median
     return {"batch": batch, "context": context, "steps": steps,
-            "no_swap_graph_ms": 1e3 * statistics.median(base_graph),
-            "no_swap_eager_ms": 1e3 * statistics.median(base_eager),
-            "swapping_ms": 1e3 * statistics.median(swapping),
-            "ratio_vs_graph": statistics.median(swapping) / statistics.median(base_graph),
-            "ratio_vs_eager": statistics.median(swapping) / statistics.median(base_eager),
+            "no_swap_graph_ms": 1e3 * med(base_graph),
+            "no_swap_layerwise_ms": 1e3 * med(base_layerwise),
+            "no_swap_eager_ms": 1e3 * med(base_eager),
+            "swapping_ms": 1e3 * med(swapping),
+            "swapping_mean_ms": 1e3 * statistics.fmean(swapping),
+            "swapping_max_ms": 1e3 * max(swapping),
+            "ratio_vs_graph": med(swapping) / med(base_graph),
+            "ratio_mean_vs_graph": statistics.fmean(swapping) / statistics.fmean(base_graph),
+            "ratio_vs_layerwise": med(swapping) / med(base_layerwise),
+            "ratio_layerwise_vs_graph": med(base_layerwise) / med(base_graph),
+            "ratio_vs_eager": med(swapping) / med(base_eager),
+            "swap_steps_layerwise": swap_layerwise,
+            "single_swaps": single,
+            "swapping_device_ms": [1e3 * x for x in swap_device],
+            "no_swap_graph_device_ms": 1e3 * med(base_device),
+            "bare_copy_each_step_ms": 1e3 * med(bare),
+            "bare_copy_device_ms": 1e3 * med(bare_device),
+            "bare_copy_vs_graph": med(bare) / med(base_graph),
+            "bare_chunked_copy_each_step_ms": 1e3 * med(bare_c),
+            "bare_chunked_copy_device_ms": 1e3 * med(bare_c_device),
+            "bare_chunked_copy_vs_graph": med(bare_c) / med(base_graph),
+            "single_swap_worst_vs_graph": max(x["max_vs_graph"] for x in single),
             "swaps_issued": len(sw.completed) + len(sw.swaps)}
 
 
@@ -217,11 +332,35 @@ def markdown(res: dict) -> str:
         for r in m["swaps"]:
             lines.append(f"| {r['transition']} | {r['bytes'] / 1e6:.1f} MB | {r['median_ms']:.2f} | {r['gbps']:.1f} | "
                          f"{r['fraction_of_pinned_h2d']:.0%} |")
-        lines += ["", "| batch | context | no swap, graph (ms) | no swap, eager (ms) | swap in flight (ms) | "
-                      "vs graph | vs eager |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| batch | context | no swap, graph (ms) | no swap, per-layer graphs (ms) | no swap, eager (ms) | "
+                      "swap every step, median (mean, max) ms | vs graph (median, mean) | vs per-layer graphs | "
+                      "per-layer vs whole graph |", "|---|---|---|---|---|---|---|---|---|"]
         for d in m["decode_during_swaps"]:
-            lines.append(f"| {d['batch']} | {d['context']} | {d['no_swap_graph_ms']:.2f} | {d['no_swap_eager_ms']:.2f} | "
-                         f"{d['swapping_ms']:.2f} | {d['ratio_vs_graph']:.2f}x | {d['ratio_vs_eager']:.2f}x |")
+            lines.append(f"| {d['batch']} | {d['context']} | {d['no_swap_graph_ms']:.2f} | "
+                         f"{d['no_swap_layerwise_ms']:.2f} | {d['no_swap_eager_ms']:.2f} | {d['swapping_ms']:.2f} "
+                         f"({d['swapping_mean_ms']:.2f}, {d['swapping_max_ms']:.2f}) | {d['ratio_vs_graph']:.3f}x, "
+                         f"{d['ratio_mean_vs_graph']:.3f}x | {d['ratio_vs_layerwise']:.3f}x | "
+                         f"{d['ratio_layerwise_vs_graph']:.3f}x |")
+        lines += ["", "| batch | no swap, graph: wall / device (ms) | bare layer-sized H2D copy in flight each step: "
+                      "wall / device (ms) | ratio | the same copy in 16 MiB pieces: wall / device (ms) | ratio |",
+                  "|---|---|---|---|---|---|"]
+        for d in m["decode_during_swaps"]:
+            lines.append(f"| {d['batch']} | {d['no_swap_graph_ms']:.2f} / {d['no_swap_graph_device_ms']:.2f} | "
+                         f"{d['bare_copy_each_step_ms']:.2f} / {d['bare_copy_device_ms']:.2f} | "
+                         f"{d['bare_copy_vs_graph']:.3f}x | {d['bare_chunked_copy_each_step_ms']:.2f} / "
+                         f"{d['bare_chunked_copy_device_ms']:.2f} | {d['bare_chunked_copy_vs_graph']:.3f}x |")
+        lines += ["", "One swap at a time (every step from its request until it landed; worst step over the staged "
+                      "layers, against the no-swap whole-graph step):", "",
+                  "| batch | transition | steps in flight | worst step (ms) | mean step (ms) | worst vs graph |",
+                  "|---|---|---|---|---|---|"]
+        for d in m["decode_during_swaps"]:
+            by = {}
+            for x in d["single_swaps"]:
+                by.setdefault(x["transition"], []).append(x)
+            for tr, xs in by.items():
+                w = max(xs, key=lambda x: x["max_ms"])
+                lines.append(f"| {d['batch']} | {tr} | {'/'.join(str(x['steps']) for x in xs)} | {w['max_ms']:.2f} | "
+                             f"{statistics.fmean(x['mean_ms'] for x in xs):.2f} | {w['max_vs_graph']:.3f}x |")
         s = m["segment"]
         lines += ["", f"Segment of layer {s['layer']}: {s['blocks_attached']} blocks; attach {s['attach_ms']:.3f} ms, "
                       f"detach {s['detach_ms']:.3f} ms (host time); migration {s['migration_ms_per_block']:.3f} ms per "

@@ -31,7 +31,8 @@ PARAMS = SamplingParams(max_tokens=40, ignore_eos=True)
 
 
 def _engine(path, blocks):
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=blocks, max_num_batched_tokens=64))
+    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=blocks, max_num_batched_tokens=64,
+                                    device="cpu"))
     swapper = LayerSwapper(engine.model.arena, StagedVariants.build(engine.model), "cpu")
     resizer = KVResizer(engine.pool, engine.block_manager, engine.model.arena,
                         lambda: [r.block_table for r in engine.scheduler.running])

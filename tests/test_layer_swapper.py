@@ -21,7 +21,7 @@ P = Precision
 
 @pytest.fixture(scope="module")
 def setup(tiny_mha):
-    engine = LLMEngine(EngineConfig(model=str(tiny_mha), num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(model=str(tiny_mha), num_kv_blocks=64, device="cpu"))
     staged = StagedVariants.build(engine.model)
     return engine, staged
 
@@ -71,7 +71,7 @@ def test_outputs_follow_the_precision_map(setup, tiny_mha):
     for layer in range(engine.model_config.num_layers):
         _swap(swapper, layer, P.FP16)
     assert run() == fp16
-    deq = LLMEngine(EngineConfig(model=str(tiny_mha), num_kv_blocks=64))
+    deq = LLMEngine(EngineConfig(model=str(tiny_mha), num_kv_blocks=64, device="cpu"))
     g = w4_group_size(deq.model_config)
     for i in range(deq.model_config.num_layers):
         src = staged.tensors(i, P.W4)
@@ -90,8 +90,9 @@ def test_queue_semantics(setup):
     assert swapper.request(0, P.FP16) is None  # already there
     s = swapper.request(0, P.W8)
     assert s.state is SwapState.QUEUED and swapper.target(0) == P.W8 and not s.grows
-    swapper.request(0, P.W4)  # retarget before issue
+    w4 = swapper.request(0, P.W4)  # retarget before issue
     assert swapper.target(0) == P.W4 and len(swapper.queued()) == 1
+    assert swapper.request(0, P.W4) is w4  # the same target again: the queued swap as it is
     assert swapper.cancel(0) and swapper.target(0) == P.FP16
     swapper.request(1, P.W4)
     swapper.request(2, P.W8)

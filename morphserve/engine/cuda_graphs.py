@@ -14,8 +14,9 @@ context lengths    ``[b]``                        0 (attention returns zeros for
 block tables       ``[b, max_blocks_per_seq]``   unused (no context)
 =================  ============================  =================================================================
 
-All five live in one int64 device buffer (laid out per bucket), filled by **one** host-to-device copy per step from
-a pinned mirror.  A batch of ``S`` sequences replays the graph of the smallest bucket ``>= S``; the logits of the
+All five live in one int64 device buffer (laid out per bucket), filled once per step from a pinned mirror by a
+small kernel that reads the pinned memory directly (:mod:`morphserve.kernels.host_upload`: a ``cudaMemcpyAsync``
+would queue behind a layer swap's copy on the copy engine).  A batch of ``S`` sequences replays the graph of the smallest bucket ``>= S``; the logits of the
 first ``S`` rows are returned.  Decode attention's context split count is fixed per bucket (it depends on the batch
 shape only), so one graph serves any context length up to ``max_blocks_per_seq`` blocks.
 
@@ -32,6 +33,17 @@ shape only), so one graph serves any context length up to ``max_blocks_per_seq``
   lazily on its first decode step.  The graphs of the most recent :attr:`DecodeGraphs.max_maps` maps are kept, so
   swapping back to a recent map (e.g. restoring FP16) replays without recapture.
 
+**Per-layer graphs (steps with a layer swap in flight).**  A step during which a layer changes precision needs
+the layer swapper's hooks between layers (the compute stream waits for the copy's event just before the swapped
+layer, and records fences after it), and its precision map is new.  Such steps replay **one graph per layer**,
+keyed by ``(layer, precision, bucket)``, with the hooks run eagerly between replays; layer graphs read and write
+two static activation buffers per bucket (hidden state and residual), the first one also embeds the tokens and the
+last one also computes the logits.  A layer graph is captured once per precision and serves every precision map,
+so a swap never triggers a capture of the whole model.  Steps without a swap replay the whole-step graph of the
+current map when it exists; a map is captured whole only after it has been steady for
+:attr:`DecodeGraphs.full_capture_after` decode steps (until then its steps replay the per-layer graphs), so a
+morphing run does not pay a whole-model capture for every transient map.
+
 All graphs share one memory pool; they are never replayed concurrently and each keeps its own output tensor, so
 their intermediates may alias each other safely.  The logits a replay returns are a view of the graph's output:
 they are valid until the next replay of that graph (the engine samples them before the next step).
@@ -41,7 +53,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +64,7 @@ from morphserve.model.llama import ForwardBatch, LlamaModel
 
 if TYPE_CHECKING:
     from morphserve.engine.model_runner import HostBatch
+    from morphserve.model.llama import LayerHooks
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -59,7 +72,17 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # [bucket, vocab] float32, written by each replay
+    logits: torch.Tensor | None  # [bucket, vocab] float32, written by each replay (whole-step and last-layer graphs)
+
+
+@dataclass
+class _LayerStage:
+    """What the per-layer graphs of one bucket share: the static batch, its kernel state and the activations."""
+
+    batch: ForwardBatch
+    state: Any  # KernelSet.begin() of the static batch
+    x: torch.Tensor  # [bucket, hidden] the hidden state between layers
+    residual: torch.Tensor  # [bucket, hidden]
 
 
 def graph_buckets(max_num_seqs: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> list[int]:
@@ -74,14 +97,18 @@ def graph_buckets(max_num_seqs: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS)
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, pool: KVPool, kernels: KernelSet, max_num_seqs: int,
-                 max_blocks_per_seq: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, max_maps: int = 4):
+                 max_blocks_per_seq: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, max_maps: int = 4,
+                 full_capture_after: int = 0):
+        """``full_capture_after``: decode steps a precision map must be steady before its whole-step graph is
+        captured (0: at once; a morphing system raises it, see the module docstring)."""
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, got device {model.device}")
         if kernels.name != "triton":
             raise ValueError(f"CUDA graphs need the Triton kernel set (the {kernels.name!r} set synchronises with "
                              f"the host inside the forward)")
-        if max_blocks_per_seq < 1 or max_maps < 1:
-            raise ValueError(f"max_blocks_per_seq and max_maps must be >= 1, got {max_blocks_per_seq}, {max_maps}")
+        if max_blocks_per_seq < 1 or max_maps < 1 or full_capture_after < 0:
+            raise ValueError(f"max_blocks_per_seq and max_maps must be >= 1 and full_capture_after >= 0, got "
+                             f"{max_blocks_per_seq}, {max_maps}, {full_capture_after}")
         self.model, self.pool, self.kernels = model, pool, kernels
         self.buckets = graph_buckets(max_num_seqs, buckets)
         self.width = max_blocks_per_seq
@@ -94,10 +121,21 @@ class DecodeGraphs:
         self._copied = torch.cuda.Event()
         self._copied.record()
         self.arange = torch.arange(self.buckets[-1] + 1, dtype=torch.int64, device=dev)
+        # by a kernel, not the copy engine, so a swap copy in flight does not delay the step (see the module)
+        from morphserve.kernels.host_upload import upload
+
+        self._upload_kernel = upload
         self.mempool = torch.cuda.graph_pool_handle()
         self.graphs: OrderedDict[tuple, dict[int, _Graph]] = OrderedDict()
         self.num_captures = 0
         self.num_replays = 0
+        self.full_capture_after = full_capture_after
+        self.layer_graphs: dict[tuple[int, Any, int], _Graph] = {}
+        self._stages: dict[int, _LayerStage] = {}
+        self._steady_key: tuple | None = None
+        self._steady_steps = 0
+        self.num_layer_captures = 0
+        self.num_layerwise_steps = 0
 
     # ---- layout ---------------------------------------------------------------------------------------------
     def bucket_for(self, num_seqs: int) -> int | None:
@@ -139,7 +177,7 @@ class DecodeGraphs:
         ctx[:] = 0
         tables[:] = 0
         n = b * (4 + self.width)
-        self.inputs[:n].copy_(self.pinned[:n], non_blocking=True)
+        self._upload_kernel(self.inputs[:n], self.pinned[:n])
         self._copied.record()
 
     def capture(self, b: int) -> _Graph:
@@ -155,27 +193,110 @@ class DecodeGraphs:
         self.graphs.move_to_end(key)
         if b in per_map:
             return per_map[b]
-        if not any(self.graphs.values()):
-            # PyTorch frees a private graph pool once no graph uses it; capturing into a freed pool's handle fails
-            self.mempool = torch.cuda.graph_pool_handle()
         self._pad_inputs(b)
         batch = self.static_batch(b)
-        # warm up outside the capture: compiles the Triton kernels and initialises cuBLAS for these shapes
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.model.forward(batch, self.pool, self.kernels)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool, capture_error_mode="thread_local"):
-            logits = self.model.forward(batch, self.pool, self.kernels)
+        graph, logits = self._capture_fn(lambda: self.model.forward(batch, self.pool, self.kernels))
         per_map[b] = _Graph(graph, logits)
         self.num_captures += 1
         return per_map[b]
 
+    def _capture_fn(self, fn) -> tuple[torch.cuda.CUDAGraph, Any]:
+        """Warm ``fn`` up outside a capture (compiles the Triton kernels and initialises cuBLAS for these shapes),
+        then capture it into the shared pool; returns the graph and ``fn``'s output."""
+        if not any(self.graphs.values()) and not self.layer_graphs:
+            # PyTorch frees a private graph pool once no graph uses it; capturing into a freed pool's handle fails
+            self.mempool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool, capture_error_mode="thread_local"):
+            out = fn()
+        return graph, out
+
+    # ---- per-layer graphs -----------------------------------------------------------------------------------
+    def _stage(self, b: int) -> _LayerStage:
+        st = self._stages.get(b)
+        if st is None:
+            batch = self.static_batch(b)
+            h = self.model.cfg.hidden_size
+            x = torch.zeros(b, h, dtype=self.model.dtype, device=self.model.device)
+            st = self._stages[b] = _LayerStage(batch, self.kernels.begin(self.model, batch, self.pool), x,
+                                               torch.zeros_like(x))
+        return st
+
+    def _layer_step(self, i: int, st: _LayerStage) -> torch.Tensor | None:
+        """Layer ``i`` of a decode step on the bucket's static buffers (what a layer graph replays)."""
+        m, last = self.model, i == self.model.cfg.num_layers - 1
+        with self.kernels.linear_scope():
+            if i == 0:
+                st.residual.copy_(m.embed[st.batch.token_ids])
+                x, residual = m.layer_forward(0, st.residual, None, st.state, self.pool, self.kernels)
+            else:
+                x, residual = m.layer_forward(i, st.x, st.residual, st.state, self.pool, self.kernels)
+            if residual.data_ptr() != st.residual.data_ptr():  # the Triton norm updates the residual in place
+                st.residual.copy_(residual)
+            if last:
+                return m.head(x, st.residual, st.batch.logits_indices, self.kernels)
+            st.x.copy_(x)
+            return None
+
+    def capture_layer(self, i: int, precision, b: int) -> _Graph:
+        """Capture layer ``i``'s decode graph at ``precision`` for bucket ``b`` (if not captured yet).  The layer's
+        views are pointed at ``precision``'s layout for the capture and restored after it; the warm-up runs on
+        padding inputs (no KV writes), so a capture may happen while the slot's bytes are being rewritten."""
+        key = (i, precision, b)
+        g = self.layer_graphs.get(key)
+        if g is not None:
+            return g
+        if b not in self.buckets:
+            raise ValueError(f"{b} is not a capture bucket ({self.buckets})")
+        arena = self.model.arena
+        saved = arena.layers[i]
+        self._pad_inputs(b)
+        st = self._stage(b)
+        try:
+            if saved.precision != precision:
+                arena.set_precision(i, precision)
+            graph, logits = self._capture_fn(lambda: self._layer_step(i, st))
+        finally:
+            arena.layers[i] = saved
+        g = self.layer_graphs[key] = _Graph(graph, logits)
+        self.num_layer_captures += 1
+        return g
+
+    def run_layerwise(self, hb: "HostBatch", hooks: "LayerHooks | None" = None) -> torch.Tensor:
+        """Logits ``[S, vocab]`` of a decode step replayed layer by layer, with ``hooks`` (the layer swapper) run
+        between the layer graphs.  ``hooks.step_precision(i)`` names the precision layer ``i`` will run at in this
+        step (a swap whose copy is in flight switches the layer in its ``before_layer``)."""
+        s, b = hb.num_seqs, self.bucket_for(hb.num_seqs)
+        n = self.model.cfg.num_layers
+        want = [hooks.step_precision(i) if hooks is not None else self.model.arena.layers[i].precision
+                for i in range(n)]
+        graphs = [self.capture_layer(i, want[i], b) for i in range(n)]
+        self._upload(hb, b)
+        for i, g in enumerate(graphs):
+            if hooks is not None:
+                hooks.before_layer(i)
+                if self.model.arena.layers[i].precision != want[i]:
+                    raise RuntimeError(f"layer {i} runs at {self.model.arena.layers[i].precision} in this step, "
+                                       f"its graph was chosen for {want[i]}")
+            g.graph.replay()
+            if hooks is not None:
+                hooks.after_layer(i)
+        if hooks is not None:
+            hooks.after_step()
+        self.num_replays += 1
+        self.num_layerwise_steps += 1
+        return graphs[-1].logits[:s]
+
     def clear(self) -> None:
         """Drop every captured graph (they are recaptured on demand, e.g. after kernels' launch options changed)."""
         self.graphs.clear()
+        self.layer_graphs.clear()
+        self._stages.clear()
         self.mempool = torch.cuda.graph_pool_handle()
 
     def capture_all(self) -> None:
@@ -185,14 +306,9 @@ class DecodeGraphs:
             self.capture(b)
 
     # ---- replay ---------------------------------------------------------------------------------------------
-    def run(self, hb: "HostBatch") -> torch.Tensor:
-        """Logits ``[S, vocab]`` of a decode step, by graph replay."""
-        if not self.serves(hb):
-            raise ValueError(f"no decode graph serves this batch ({hb.num_seqs} sequences, decode={hb.is_decode}, "
-                             f"table width {hb.tables.shape[1]} > {self.width}?)")
+    def _upload(self, hb: "HostBatch", b: int) -> None:
+        """The step's metadata into the static input buffer of bucket ``b`` (one host-to-device copy)."""
         s = hb.num_seqs
-        b = self.bucket_for(s)
-        g = self.capture(b)
         self._copied.synchronize()
         tokens, positions, slots, ctx, tables = self._regions(b, self._pinned_np)
         tokens[:s], positions[:s], slots[:s], ctx[:s] = hb.tokens, hb.positions, hb.slots, hb.context_lens
@@ -200,8 +316,29 @@ class DecodeGraphs:
         w = hb.tables.shape[1]
         tables[:s, :w] = hb.tables
         n = b * (4 + self.width)
-        self.inputs[:n].copy_(self.pinned[:n], non_blocking=True)
+        self._upload_kernel(self.inputs[:n], self.pinned[:n])
         self._copied.record()
+
+    def run(self, hb: "HostBatch", hooks: "LayerHooks | None" = None) -> torch.Tensor:
+        """Logits ``[S, vocab]`` of a decode step, by graph replay: per-layer graphs with ``hooks`` (a swap is
+        queued or in flight) or while the precision map is not yet steady, else the map's whole-step graph."""
+        if not self.serves(hb):
+            raise ValueError(f"no decode graph serves this batch ({hb.num_seqs} sequences, decode={hb.is_decode}, "
+                             f"table width {hb.tables.shape[1]} > {self.width}?)")
+        if hooks is not None:
+            self._steady_key = None
+            return self.run_layerwise(hb, hooks)
+        s = hb.num_seqs
+        b = self.bucket_for(s)
+        key = self.precision_key()
+        if key != self._steady_key:
+            self._steady_key, self._steady_steps = key, 0
+        self._steady_steps += 1
+        per_map = self.graphs.get(key)
+        if (per_map is None or b not in per_map) and self._steady_steps <= self.full_capture_after:
+            return self.run_layerwise(hb)
+        g = self.capture(b)
+        self._upload(hb, b)
         g.graph.replay()
         self.num_replays += 1
         return g.logits[:s]

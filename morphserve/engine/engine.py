@@ -24,6 +24,9 @@ from morphserve.memory.kv_pool import KVPool
 from morphserve.model.llama import LlamaModel
 from morphserve.model.weight_source import WeightSource, open_source
 
+# Decode steps a precision map must be steady, under a morphing controller, before its whole-step graph is captured.
+FULL_CAPTURE_AFTER = 32
+
 
 class RequestError(ValueError):
     """A request that cannot be served (empty or oversized prompt, bad parameters...); names the bad value."""
@@ -156,12 +159,18 @@ class LLMEngine:
         self._morpher = morpher
         self.runner.hooks = morpher.swapper if morpher is not None else None
         self.runner.after_launch = morpher.after_step if morpher is not None else None
+        if self.runner.graphs is not None:
+            # a controller moves through transient precision maps: capture a map's whole-step graph only once it
+            # has been steady for a while (its steps replay the per-layer graphs until then)
+            dynamic = morpher is not None and morpher.controller is not None
+            self.runner.graphs.full_capture_after = FULL_CAPTURE_AFTER if dynamic else 0
 
     def idle_tick(self) -> None:
         """Let the morpher observe an idle engine (so layers are restored once load is gone)."""
         if self._morpher is not None and not self.has_unfinished():
             self._morpher.before_step()
             self._morpher.after_step()
+            self._morpher.settle_idle()
 
     # ---- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -3,12 +3,15 @@
 :meth:`ModelRunner.prepare` is vectorised: the per-token metadata (tokens, positions, slot mapping) is computed
 with NumPy from per-sequence arrays, never in a Python loop over tokens.  On CUDA everything a step needs is
 packed into one pinned int64 buffer and uploaded with a single asynchronous copy; the kernels then read device
-tensors, and the only host synchronisation of a step is reading back the sampled tokens.  Two pinned buffers
+tensors, and the only host synchronisation of a step is reading back the sampled tokens.  The upload is a kernel
+reading the pinned buffer (:mod:`morphserve.kernels.host_upload`), not a copy-engine transfer, so it never waits
+behind a layer swap's copy.  Two pinned buffers
 alternate, each guarded by an event, so a buffer is never rewritten while its copy may still be in flight (a step
 that samples nothing does not synchronise).
 
-Decode-only steps (one token per sequence, every sequence sampling) replay a CUDA graph when the runner has
-:class:`~morphserve.engine.cuda_graphs.DecodeGraphs`; every other step runs the model eagerly.
+Decode-only steps (one token per sequence, every sequence sampling) replay CUDA graphs when the runner has
+:class:`~morphserve.engine.cuda_graphs.DecodeGraphs` (per-layer graphs with the swapper's hooks between them while a
+swap is queued or in flight); every other step runs the model eagerly.
 """
 
 from __future__ import annotations
@@ -127,8 +130,8 @@ class ModelRunner:
         self.timing: StepTiming | None = None  # set to a StepTiming to record per-step timings
         self.last_step_graph = False  # whether the last forward replayed a CUDA graph
         # Installed by a morphing system: the layer swapper's per-layer hooks (a step with swaps queued or in flight
-        # runs eagerly so the hooks run between layers), and a callback run once the step's kernels are enqueued
-        # and before the host waits for its tokens (where the swapper issues its copies, so they overlap the GPU).
+        # runs them between layers: per-layer graph replays for decode steps, else eagerly), and a callback run once
+        # the step's kernels are enqueued and before the host waits for its tokens (where the swapper issues its copies, so they overlap the GPU).
         self.hooks: LayerHooks | None = None
         self.after_launch: Callable[[], None] | None = None
 
@@ -144,9 +147,11 @@ class ModelRunner:
         if self._staging is None:
             dev = torch.from_numpy(np.concatenate(parts))
         else:
+            from morphserve.kernels.host_upload import upload  # CUDA only: kernels import after any interpreter switch
+
             i, host = self._staging.take(n)
             np.concatenate(parts, out=host.numpy())
-            dev = host.to(self.device, non_blocking=True)
+            dev = upload(torch.empty(n, dtype=torch.int64, device=self.device), host)
             self._staging.uploaded(i)
         o = np.cumsum([0, t, t, t, r, s + 1, s, s * w]).tolist()
         return ForwardBatch(dev[o[0]:o[1]], dev[o[1]:o[2]], dev[o[2]:o[3]], hb.query_start.tolist(),
@@ -160,9 +165,9 @@ class ModelRunner:
     def forward(self, hb: HostBatch) -> torch.Tensor:
         """Logits of the rows that sample: a CUDA-graph replay for decode steps the graphs serve, else eager."""
         hooks = self.hooks if self.hooks is not None and self.hooks.active() else None
-        self.last_step_graph = hooks is None and self.graphs is not None and self.graphs.serves(hb)
+        self.last_step_graph = self.graphs is not None and self.graphs.serves(hb)
         if self.last_step_graph:
-            return self.graphs.run(hb)
+            return self.graphs.run(hb, hooks)
         return self.model.forward(self.upload(hb), self.pool, self.kernels, hooks=hooks)
 
     def run(self, sched: SchedulerOutput) -> list[int]:

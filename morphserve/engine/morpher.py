@@ -116,9 +116,17 @@ class Morpher:
     def after_step(self) -> None:
         for swap in self.swapper.issue():
             if not swap.grows:
-                self.resizer.grow(swap.layer)
+                self.resizer.grow(swap.layer, swap.dst)
         self.swapper.poll()
         self._step += 1
+
+    def settle_idle(self) -> None:
+        """On an idle engine (no forward in flight or to come before the next schedule): switch every layer whose
+        copy was issued to its new precision now (the compute stream waits for the copy), instead of waiting for a
+        forward pass to do it in ``before_layer``, so an idle engine finishes restoring its layers."""
+        for swap in self.swapper.in_flight():
+            self.swapper.before_layer(swap.layer)
+        self.swapper.poll()
 
     def apply_now(self) -> None:
         """Bring every layer to the target synchronously (static systems at start-up, before any request)."""
@@ -126,9 +134,7 @@ class Morpher:
             self.before_step()
             self.after_step()
             self.swapper.synchronize()
-            for swap in self.swapper.in_flight():  # no forward runs here to switch the views: do it now
-                self.swapper.before_layer(swap.layer)
-            self.swapper.poll()
+            self.settle_idle()  # no forward runs here to switch the views: do it now
             pending = [i for i, p in enumerate(self.target()) if self.swapper.precision(i) != p]
             if not pending and not self.swapper.swaps:
                 return

@@ -71,10 +71,14 @@ class KVResizer:
         return sum(self.pool.segments[i].num_blocks for i in self.regions)
 
     # ---- grow -----------------------------------------------------------------------------------------------
-    def grow(self, layer: int) -> int:
-        """Attach the bytes of layer ``layer``'s slot that neither its current variant nor an existing segment
-        uses; returns the number of blocks added (0 when less than a block is free)."""
-        used = self.arena.layout(layer).nbytes
+    def grow(self, layer: int, precision: Precision | None = None) -> int:
+        """Attach the bytes of layer ``layer``'s slot that neither its variant at ``precision`` (default: the
+        current one) nor an existing segment uses; returns the number of blocks added (0 when less than a block is
+        free).  The morpher grows at a shrinking swap's issue, before the layer switches (on CUDA the switch happens
+        in the next step): the tail is still read by the step just launched, but every use of the new blocks (KV
+        writes, migrations) runs on the compute stream after it."""
+        used = (self.arena.layout(layer) if precision is None else
+                layout_for(precision, self.arena.cfg, self.arena.dtype)).nbytes
         covered = min((r.start for r in self.regions_of(layer)), default=self.arena.slot_bytes)
         if covered - used < self.pool.block_bytes:
             return 0

@@ -48,6 +48,14 @@ class LayerHooks(Protocol):
 
     def after_step(self) -> None: ...
 
+    def active(self) -> bool:
+        """True while the hooks have work in a step (else steps may run without them)."""
+        ...
+
+    def step_precision(self, layer: int):
+        """The precision layer ``layer`` runs at in the next step (its ``before_layer`` may switch it)."""
+        ...
+
 
 class LlamaModel:
     def __init__(self, source: WeightSource, dtype: torch.dtype, device: torch.device | str,
@@ -110,28 +118,38 @@ class LlamaModel:
         swapper) run before and after each layer: a layer's views are read only after its ``before_layer``, which
         may switch it to a new precision once that variant's copy has landed."""
         ks = kernels or self.kernels
-        cfg, eps = self.cfg, self.cfg.rms_norm_eps
         state = ks.begin(self, batch, pool)
         with ks.linear_scope():
-            x = self.embed[batch.token_ids]
-            residual = None
-            for i in range(cfg.num_layers):
+            x, residual = self.embed[batch.token_ids], None
+            for i in range(self.cfg.num_layers):
                 if hooks is not None:
                     hooks.before_layer(i)
-                lw = self.arena.layers[i]
-                if residual is None:
-                    residual, h = x, ks.rms_norm(x, lw["input_norm"], eps)
-                else:
-                    h, residual = ks.add_rms_norm(x, residual, lw["input_norm"], eps)
-                q = ks.rope_and_store(linear(h, lw, "qkv"), state, pool, lw.index)
-                x = linear(ks.attention(q, state, pool, lw.index), lw, "o")
-                h, residual = ks.add_rms_norm(x, residual, lw["post_norm"], eps)
-                x = linear(ks.silu_and_mul(linear(h, lw, "gate_up")), lw, "down")
+                x, residual = self.layer_forward(i, x, residual, state, pool, ks)
                 if hooks is not None:
                     hooks.after_layer(i)
             if hooks is not None:
                 hooks.after_step()
-            # the final norm is row-wise: normalise only the rows whose logits are needed
-            rows = batch.logits_indices
-            h, _ = ks.add_rms_norm(x[rows], residual[rows], self.final_norm, eps)
-            return ks.lm_head(h, self.lm_head)
+            return self.head(x, residual, batch.logits_indices, ks)
+
+    def layer_forward(self, i: int, x: torch.Tensor, residual: torch.Tensor | None, state, pool: KVPool,
+                      ks: KernelSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layer ``i`` at its current precision: ``(x, residual)`` in, ``(x, residual)`` out (``residual``
+        is None before the first layer, whose input is the embedding).  ``state`` is ``ks.begin(...)``'s; the
+        caller has entered ``ks.linear_scope()``.  :meth:`forward` runs the layers through this, and so does the
+        per-layer CUDA-graph runner (:mod:`morphserve.engine.cuda_graphs`)."""
+        eps = self.cfg.rms_norm_eps
+        lw = self.arena.layers[i]
+        if residual is None:
+            residual, h = x, ks.rms_norm(x, lw["input_norm"], eps)
+        else:
+            h, residual = ks.add_rms_norm(x, residual, lw["input_norm"], eps)
+        q = ks.rope_and_store(linear(h, lw, "qkv"), state, pool, lw.index)
+        x = linear(ks.attention(q, state, pool, lw.index), lw, "o")
+        h, residual = ks.add_rms_norm(x, residual, lw["post_norm"], eps)
+        x = linear(ks.silu_and_mul(linear(h, lw, "gate_up")), lw, "down")
+        return x, residual
+
+    def head(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, ks: KernelSet) -> torch.Tensor:
+        """float32 logits of ``rows`` after the last layer (the final norm is row-wise: only those rows)."""
+        h, _ = ks.add_rms_norm(x[rows], residual[rows], self.final_norm, self.cfg.rms_norm_eps)
+        return ks.lm_head(h, self.lm_head)

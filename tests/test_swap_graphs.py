@@ -1,0 +1,152 @@
+"""CUDA: decode steps with layer swaps in flight replay per-layer graphs (issue #5's overlap target), and give the
+same tokens as eager execution of the same per-step precision schedule.  Skipped without a GPU."""
+
+import random
+
+import pytest
+import torch
+
+import morphserve.quant  # noqa: F401  (registers the W8/W4 layouts and linear kernels)
+from morphserve.engine.config import EngineConfig
+from morphserve.engine.engine import LLMEngine
+from morphserve.engine.model_runner import HostBatch
+from morphserve.engine.morpher import Morpher
+from morphserve.engine.sampling_params import SamplingParams
+from morphserve.engine.scheduler import ScheduledChunk
+from morphserve.memory.kv_resizer import KVResizer
+from morphserve.memory.layer_swapper import LayerSwapper
+from morphserve.memory.weight_arena import Precision
+from morphserve.parity import PARITY_PROMPTS
+from morphserve.quant.staging import StagedVariants
+
+P = Precision
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [gpu, pytest.mark.gpu]
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    from conftest import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("wide-gqa"), "gqa", intermediate_size=512,
+                                num_hidden_layers=4)
+
+
+def _engine(path, blocks, graphs: bool, extension_first=False):
+    engine = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="float16", num_kv_blocks=blocks,
+                                    max_num_batched_tokens=64), cuda_graphs=graphs)
+    engine.block_manager.extension_first = extension_first
+    swapper = LayerSwapper(engine.model.arena, StagedVariants.build(engine.model), engine.device)
+    resizer = KVResizer(engine.pool, engine.block_manager, engine.model.arena,
+                        lambda: [r.block_table for r in engine.scheduler.running])
+    return engine, swapper, resizer
+
+
+def _decode_chunks(engine):
+    bs = engine.config.block_size
+    for r in engine.scheduler.running:  # the block for the next position, as the scheduler would allocate it
+        r.block_table += engine.block_manager.allocate(-(-(r.num_computed_tokens + 1) // bs) - len(r.block_table))
+    return HostBatch.from_chunks([ScheduledChunk(r, 1) for r in engine.scheduler.running], bs)
+
+
+def test_layerwise_graphs_equal_the_whole_step_graph(wide):
+    engine, swapper, _ = _engine(wide, 64, graphs=True)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    for p in PARITY_PROMPTS[:3]:
+        engine.add_request(p, params)
+    for _ in range(6):
+        engine.step()
+    g = engine.runner.graphs
+    hb = _decode_chunks(engine)
+    whole = g.run(hb).clone()
+    layered = g.run_layerwise(hb).clone()
+    assert g.num_layer_captures == engine.model_config.num_layers
+    torch.testing.assert_close(layered, whole, rtol=0, atol=0)
+    # a layer at W4 (a swap landed synchronously): the per-layer graphs equal eager execution of the new map
+    swapper.request(2, P.W4)
+    swapper.synchronize()
+    swapper.issue()
+    swapper.synchronize()
+    swapper.before_layer(2)
+    swapper.poll()
+    runner = engine.runner
+    eager = runner.model.forward(runner.upload(hb), runner.pool, runner.kernels)
+    torch.testing.assert_close(g.run_layerwise(hb), eager, rtol=0, atol=0)
+    assert g.num_layer_captures == engine.model_config.num_layers + 1
+
+
+def _serve(engine, morpher, swapper, prompts, params, shake):
+    """Serve with the swapper's hooks in the step (as the engine installs them), recording each step's precisions."""
+    engine.runner.hooks = swapper
+    ids = [engine.add_request(p, params) for p in prompts]
+    outs, maps, step = {}, [], 0
+    while engine.has_unfinished():
+        shake(step)
+        morpher.before_step()
+        maps.append([swapper.step_precision(i) for i in range(engine.model_config.num_layers)])
+        for o in engine.step():
+            outs[o.request_id] = o
+        morpher.after_step()
+        step += 1
+    swapper.synchronize()
+    return [outs[i] for i in ids], maps
+
+
+def test_swapping_every_step_with_graphs_equals_eager(wide):
+    """Random targets every step, migrations included (extension-first allocation): the graph run (per-layer
+    graphs while swaps are in flight) gives the tokens of an eager engine that lands the same per-step precision
+    schedule synchronously and never resizes."""
+    n = 4
+    engine, swapper, resizer = _engine(wide, 300, graphs=True, extension_first=True)
+    morpher = Morpher(engine, swapper, resizer, static_map=[P.FP16] * n)
+    rng = random.Random(3)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+
+    def shake(step):
+        morpher.static_map = [rng.choice([P.FP16, P.W8, P.W4]) for _ in range(n)]
+
+    out, maps = _serve(engine, morpher, swapper, PARITY_PROMPTS[:8], params, shake)
+    assert all(len(o.output_token_ids) == 30 for o in out)
+    assert len({tuple(m) for m in maps}) > 8 and resizer.migrated_total > 0
+    g = engine.runner.graphs
+    assert g.num_layerwise_steps > 10, "swap steps did not replay per-layer graphs"
+
+    ref, ref_swapper, _ = _engine(wide, 300, graphs=False)
+    steps = iter(maps)
+
+    def land(step):
+        for layer, p in enumerate(next(steps)):
+            if ref_swapper.precision(layer) != p:
+                ref_swapper.request(layer, p)
+                ref_swapper.synchronize()
+                ref_swapper.issue()
+                ref_swapper.synchronize()
+                ref_swapper.before_layer(layer)
+                ref_swapper.poll()
+
+    ref_out = []
+    ids = [ref.add_request(p, params) for p in PARITY_PROMPTS[:8]]
+    done, step = {}, 0
+    while ref.has_unfinished():
+        land(step)
+        for o in ref.step():
+            done[o.request_id] = o
+        step += 1
+    ref_out = [done[i] for i in ids]
+    assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref_out]
+
+
+def test_growing_swap_copies_tail_then_head(wide):
+    """An up-swap lands byte-identical variant bytes (two-part copy) and restores the FP16 slot exactly."""
+    engine, swapper, _ = _engine(wide, 32, graphs=False)
+    original = engine.model.arena.slot(1).clone()
+    for dst in (P.W4, P.W8, P.FP16, P.W4, P.FP16):
+        swapper.request(1, dst)
+        swapper.synchronize()  # an up-swap's tail copy lands first
+        assert swapper.issue()
+        swapper.synchronize()
+        swapper.before_layer(1)
+        swapper.poll()
+        buf = swapper.staged.buffer(1, dst)
+        assert torch.equal(engine.model.arena.slot(1)[:buf.numel()].cpu(), buf.cpu())
+    assert torch.equal(engine.model.arena.slot(1), original)
