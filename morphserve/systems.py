@@ -14,6 +14,8 @@ system            what it is
 
 :func:`attach_system` builds the staged variants, the swapper, the KV resizer and the controller (or the static
 map) for an engine, applies a static map before serving, and installs the morpher in the engine's step loop.
+:func:`attach_static` does the same for any explicit static precision map (the static systems above, and
+baselines that choose their own map, e.g. ``baselines.llm_pq``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,35 @@ def static_map(spec: SystemSpec, num_layers: int, order: list[int]) -> list[Prec
     return [Precision.W4 if i in chosen else Precision.FP16 for i in range(num_layers)]
 
 
+def _swapper_and_resizer(engine, staged) -> tuple[LayerSwapper, KVResizer]:
+    swapper = LayerSwapper(engine.model.arena, staged, engine.device)
+    resizer = KVResizer(engine.pool, engine.block_manager, engine.model.arena,
+                        lambda: [r.block_table for r in engine.scheduler.running])
+    return swapper, resizer
+
+
+def attach_static(engine, precisions: list[Precision], staged=None,
+                  release_policy: ReleasePolicy = ReleasePolicy.MIGRATE) -> Morpher:
+    """Install the static precision map ``precisions`` (one per layer) on ``engine`` (idle and all-FP16): stage
+    FP16 and the quantized precisions the map uses (unless ``staged`` is given), bring every layer to its precision
+    now (freed slot bytes become KV blocks) and install the morpher.  Returns the morpher."""
+    n = engine.model_config.num_layers
+    precisions = [Precision(p) for p in precisions]
+    if len(precisions) != n:
+        raise ValueError(f"a static map needs one precision per layer: got {len(precisions)} for {n} layers")
+    import morphserve.quant  # noqa: F401  (registers the W8/W4 layouts and kernels)
+    from morphserve.quant.staging import StagedVariants
+
+    if staged is None:
+        used = tuple(p for p in Precision if p != Precision.FP16 and p in precisions)
+        staged = StagedVariants.build(engine.model, precisions=(Precision.FP16, *used))
+    swapper, resizer = _swapper_and_resizer(engine, staged)
+    morpher = Morpher(engine, swapper, resizer, static_map=precisions, release_policy=release_policy)
+    morpher.apply_now()
+    engine.morpher = morpher
+    return morpher
+
+
 def attach_system(engine, name: str, order: list[int], staged=None, mode_overrides: dict[str, Any] | None = None,
                   release_policy: ReleasePolicy = ReleasePolicy.MIGRATE) -> Morpher | None:
     """Install system ``name`` on ``engine`` (which must be idle and all-FP16).  ``order``: swap order, least
@@ -79,22 +110,15 @@ def attach_system(engine, name: str, order: list[int], staged=None, mode_overrid
         raise ValueError(f"swap order must be a permutation of 0..{n - 1}")
     if spec.static_w4_layers == 0:
         return None
+    if not spec.dynamic:
+        return attach_static(engine, static_map(spec, n, order), staged, release_policy)
     import morphserve.quant  # noqa: F401  (registers the W8/W4 layouts and kernels)
     from morphserve.quant.staging import StagedVariants
 
     if staged is None:
-        precisions = (Precision.FP16, Precision.W4) if not spec.dynamic else \
-            (Precision.FP16, *mode_config(spec.mode).ladder)
-        staged = StagedVariants.build(engine.model, precisions=precisions)
-    swapper = LayerSwapper(engine.model.arena, staged, engine.device)
-    resizer = KVResizer(engine.pool, engine.block_manager, engine.model.arena,
-                        lambda: [r.block_table for r in engine.scheduler.running])
-    if spec.dynamic:
-        controller = MorphController(mode_config(spec.mode, **(mode_overrides or {})), n, list(order))
-        morpher = Morpher(engine, swapper, resizer, controller=controller, release_policy=release_policy)
-    else:
-        morpher = Morpher(engine, swapper, resizer, static_map=static_map(spec, n, order),
-                          release_policy=release_policy)
-        morpher.apply_now()
+        staged = StagedVariants.build(engine.model, precisions=(Precision.FP16, *mode_config(spec.mode).ladder))
+    swapper, resizer = _swapper_and_resizer(engine, staged)
+    controller = MorphController(mode_config(spec.mode, **(mode_overrides or {})), n, list(order))
+    morpher = Morpher(engine, swapper, resizer, controller=controller, release_policy=release_policy)
     engine.morpher = morpher
     return morpher

@@ -91,10 +91,11 @@ def test_validate_names_the_bad_value(edit, message):
 
 def test_plugin_systems_are_accepted():
     cfg = copy.deepcopy(_config("config.yaml"))
-    cfg["system_plugins"] = {"llm-pq": "baselines.llm_pq:attach"}
-    cfg["systems"].append("llm-pq")
+    assert cfg["system_plugins"]["llm-pq"] == "baselines.llm_pq:attach" and "llm-pq" in cfg["systems"]
+    cfg["system_plugins"]["llm-pq-s4-p256-o32"] = "baselines.llm_pq:attach"
+    cfg["systems"].append("llm-pq-s4-p256-o32")
     grid.validate(cfg)
-    assert any(r.system == "llm-pq" for r in grid.main_runs(cfg))
+    assert {"llm-pq", "llm-pq-s4-p256-o32"} <= {r.system for r in grid.main_runs(cfg)}
 
 
 # ---- claims and tables ---------------------------------------------------------------------------------------

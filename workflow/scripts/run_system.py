@@ -38,7 +38,10 @@ ecfg = engine_config(cfg, w.model, w.budget)
 engine = LLMEngine(ecfg)
 fp16_blocks = engine.block_manager.num_total_blocks
 t = time.monotonic()
-installed = install_system(engine, w.system, list(imp["order"]), cfg.get("system_plugins") or {})
+context = {"importance": imp, "prompt_tokens": int(cfg["workload"]["prompt_tokens"]),
+           "output_tokens": int(cfg["workload"]["output_tokens"]),
+           "concurrency": int(cfg["calibration"]["requests"])}
+installed = install_system(engine, w.system, list(imp["order"]), cfg.get("system_plugins") or {}, context)
 install_s = time.monotonic() - t
 start_blocks = engine.block_manager.num_total_blocks
 print(f"{w.system}: installed in {install_s:.1f} s, KV blocks {fp16_blocks} -> {start_blocks}, "
@@ -69,6 +72,7 @@ run = {
     "decisions": [asdict(d) for d in controller.decisions] if controller is not None else [],
     "order": list(imp["order"]),
     "order_source": imp["source"],
+    "plan": installed.plan.to_dict() if getattr(installed, "plan", None) is not None else None,
     "install_s": install_s,
     "fp16_kv_blocks": fp16_blocks,
     "start_kv_blocks": start_blocks,

@@ -14,6 +14,7 @@ from it) and the profile's batch limits.  Only the installed system differs.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,18 @@ def engine_config(config: dict[str, Any], model: str, budget: str, **overrides: 
     return EngineConfig(**fields)
 
 
-def install_system(engine, name: str, order: list[int], plugins: dict[str, str]):
+def install_system(engine, name: str, order: list[int], plugins: dict[str, str], context: dict | None = None):
     """Install system ``name`` on the idle ``engine``: a morphserve system through
     :func:`morphserve.systems.attach_system`, a plugin (``system_plugins``: ``"module:function"``) through its own
-    function with the same signature.  Returns what the installer returned (the morpher, or None for FP16)."""
+    function with the same signature; a plugin whose function takes a ``context`` keyword also gets ``context``
+    (what the workflow knows about the run: the importance file's contents, the workload's prompt and output
+    lengths, the calibration's concurrency).  Returns what the installer returned (the morpher, or None for FP16)."""
     if name in plugins:
         module, func = plugins[name].split(":")
-        return getattr(importlib.import_module(module), func)(engine, name, order)
+        fn = getattr(importlib.import_module(module), func)
+        if context is not None and "context" in inspect.signature(fn).parameters:
+            return fn(engine, name, order, context=context)
+        return fn(engine, name, order)
     from morphserve.systems import attach_system
 
     return attach_system(engine, name, order)
