@@ -149,6 +149,23 @@ def test_claims_from_runs():
     assert got["fp16_kv_blocks"].verdict == C.NOT_COMPARABLE
 
 
+def test_claims_against_baseline_variants():
+    """A claim's baseline is the system of that name or any named variant of it, each compared on its own; a
+    system that merely shares a prefix without the dash is not a variant."""
+    runs = _runs([
+        dict(system="fp16", ttft_violation_rate=0.5, ttft_p95_s=8.0, quality=20.0),
+        dict(system="morphserve-default", ttft_violation_rate=0.1, ttft_p95_s=3.0, quality=19.0),
+        dict(system="pyramidkv-64", ttft_violation_rate=0.3, ttft_p95_s=6.0, quality=16.0),
+        dict(system="pyramidkvx", ttft_violation_rate=0.3, ttft_p95_s=9.0, quality=10.0),
+        dict(system="llm-pq", ttft_violation_rate=0.3, ttft_p95_s=6.0, quality=18.0),
+    ])
+    cfg = {**CFG, "systems": ["fp16", "morphserve-default", "pyramidkv-64", "pyramidkvx", "llm-pq"]}
+    claims = yaml.safe_load((ROOT / "config" / "claims.yaml").read_text())
+    got = {v.id: v for v in C.evaluate(runs, cfg, claims, "1.3")}
+    assert got["vs_pyramidkv"].values == [("m/b/t/mix morphserve-default vs pyramidkv-64", pytest.approx(2.0))]
+    assert got["vs_llmpq"].values == [("m/b/t/mix morphserve-default vs llm-pq", pytest.approx(50.0))]
+
+
 def test_claims_need_pressure_and_real_weights():
     runs = _runs([dict(system="fp16", ttft_violation_rate=0.0, ttft_p95_s=1.0, quality=None),
                   dict(system="morphserve-default", ttft_violation_rate=0.0, ttft_p95_s=1.0, quality=None)])

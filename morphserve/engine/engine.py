@@ -84,6 +84,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.step_stats: deque[StepStats] = deque(maxlen=100_000)
         self._morpher = None
+        # A KV-cache policy (e.g. baselines.pyramidkv.PyramidKV), or None: before_forward(sched) runs just before the
+        # step's forward; after_forward(sched) once the chunks' num_computed_tokens are advanced and before the
+        # sampled tokens are appended and finished requests release their blocks (its time counts in the step).
+        self.kv_policy = None
         self._ids = itertools.count()
         self._steps = 0
 
@@ -190,10 +194,14 @@ class LLMEngine:
             if c.request.metrics.first_scheduled_time is None:
                 c.request.metrics.first_scheduled_time = start
         sampling = [c.request for c in sched.chunks if c.samples]
+        if self.kv_policy is not None:
+            self.kv_policy.before_forward(sched)
         tokens = self.runner.run(sched)
-        now = self.clock()
         for c in sched.chunks:
             c.request.num_computed_tokens += c.num_new_tokens
+        if self.kv_policy is not None:
+            self.kv_policy.after_forward(sched)
+        now = self.clock()
         finished: list[RequestOutput] = []
         for req, tok in zip(sampling, tokens):
             req.token_ids.append(tok)

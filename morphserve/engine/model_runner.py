@@ -77,9 +77,14 @@ class HostBatch:
         flat = np.fromiter(itertools.chain.from_iterable(block_tables), np.int64, int(tlens.sum()))
         rows = np.repeat(np.arange(s, dtype=np.int64), tlens)
         tables[rows, np.arange(flat.shape[0], dtype=np.int64) - np.repeat(np.cumsum(tlens) - tlens, tlens)] = flat
-        slots = tables[seq, positions // block_size] * block_size + positions % block_size
+        # A KV-compression policy (baselines.pyramidkv) may have evicted tokens from the cache: token p then lives
+        # at address p - evicted of the request's blocks (RoPE still uses the true position p).
+        evicted = np.fromiter((c.request.num_evicted_tokens for c in chunks), np.int64, s)
+        addr = positions - evicted[seq]
+        slots = tables[seq, addr // block_size] * block_size + addr % block_size
         samples = np.fromiter((c.samples for c in chunks), bool, s)
-        return HostBatch(tokens, positions, slots, qs, starts + lens, tables, qs[1:][samples] - 1, block_tables)
+        return HostBatch(tokens, positions, slots, qs, starts - evicted + lens, tables, qs[1:][samples] - 1,
+                         block_tables)
 
 
 @dataclass
@@ -143,21 +148,31 @@ class ModelRunner:
         t, s, r, w = hb.num_tokens, hb.num_seqs, hb.logits_rows.shape[0], hb.tables.shape[1]
         parts = [hb.tokens, hb.positions, hb.slots, hb.logits_rows, hb.query_start, hb.context_lens,
                  hb.tables.reshape(-1)]
-        n = 3 * t + r + (s + 1) + s + s * w
+        # Every region starts on a 16-byte boundary (an even int64 offset): Triton specializes pointer arguments on
+        # 16-byte alignment, so regions whose alignment followed the step's sizes made kernels compile new variants
+        # in the middle of serving (measured: 2-3 s steps on an H200, 2026-12-02).
+        o = [0]
+        for p in parts:
+            o.append(o[-1] + p.shape[0] + (p.shape[0] & 1))
+        n = o[-1]
         if self._staging is None:
-            dev = torch.from_numpy(np.concatenate(parts))
+            host_np = np.zeros(n, dtype=np.int64)
+        else:
+            i, host = self._staging.take(n)
+            host_np = host.numpy()
+        for a, p in zip(o, parts):
+            host_np[a:a + p.shape[0]] = p
+        if self._staging is None:
+            dev = torch.from_numpy(host_np)
         else:
             from morphserve.kernels.host_upload import upload  # CUDA only: kernels import after any interpreter switch
 
-            i, host = self._staging.take(n)
-            np.concatenate(parts, out=host.numpy())
             dev = upload(torch.empty(n, dtype=torch.int64, device=self.device), host)
             self._staging.uploaded(i)
-        o = np.cumsum([0, t, t, t, r, s + 1, s, s * w]).tolist()
-        return ForwardBatch(dev[o[0]:o[1]], dev[o[1]:o[2]], dev[o[2]:o[3]], hb.query_start.tolist(),
-                            hb.context_lens.tolist(), hb.block_tables, dev[o[3]:o[4]],
-                            query_start_t=dev[o[4]:o[5]], context_lens_t=dev[o[5]:o[6]],
-                            block_tables_t=dev[o[6]:o[7]].view(s, w))
+        return ForwardBatch(dev[o[0]:o[0] + t], dev[o[1]:o[1] + t], dev[o[2]:o[2] + t], hb.query_start.tolist(),
+                            hb.context_lens.tolist(), hb.block_tables, dev[o[3]:o[3] + r],
+                            query_start_t=dev[o[4]:o[4] + s + 1], context_lens_t=dev[o[5]:o[5] + s],
+                            block_tables_t=dev[o[6]:o[6] + s * w].view(s, w))
 
     def prepare(self, sched: SchedulerOutput) -> ForwardBatch:
         return self.upload(self.host_batch(sched))

@@ -75,6 +75,9 @@ class Request:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens a KV-compression policy (baselines.pyramidkv) evicted from the cache in every layer: the cache holds
+        # num_computed_tokens - num_evicted_tokens token slots (0 without compression; reset by preemption).
+        self.num_evicted_tokens = 0
         self.block_table: list[int] = []
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None

@@ -66,13 +66,14 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _blocks_needed(self, req: Request, num_new_tokens: int) -> int:
-        total = req.num_computed_tokens + num_new_tokens
+        total = req.num_computed_tokens - req.num_evicted_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - len(req.block_table))
 
     def _preempt(self, req: Request) -> None:
         self.bm.free_blocks(req.block_table)
         req.block_table = []
         req.num_computed_tokens = 0
+        req.num_evicted_tokens = 0
         req.status = RequestStatus.WAITING
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1

@@ -63,6 +63,12 @@ class Context:
                 out.append(s)
         return [s for s in dict.fromkeys(out)]
 
+    def baselines(self, name: str) -> list[str]:
+        """The runs of a claim's baseline: the system called ``name`` and its named variants (``name-...``, e.g.
+        ``pyramidkv-64`` for a smaller KV budget), each compared on its own."""
+        present = set(self.base.system)
+        return [s for s in self.config["systems"] if s in present and (s == name or s.startswith(name + "-"))]
+
     def pairs(self, systems: list[str], other: str = "fp16"):
         """(label, row of system, row of ``other``) for each setting at the base load where both ran."""
         for keys, sub in self.base.groupby(SETTING, sort=True):
@@ -150,32 +156,42 @@ def sustained_goodput_ratio(ctx: Context, claim: dict) -> Measured:
     return m
 
 
+def _not_run(base: str) -> Measured:
+    return Measured(reason=f"the {base} baseline was not run (add it, or a variant {base}-..., to `systems` through "
+                           f"`system_plugins`; baselines/, issue #8)")
+
+
 def degradation_vs(ctx: Context, claim: dict) -> Measured:
-    base = claim["baseline"]
-    if base not in set(ctx.base.system):
-        return Measured(reason=f"the {base} baseline was not run (add it to `systems` through `system_plugins`; "
-                               f"baselines/, issue #8)")
+    bases = ctx.baselines(claim["baseline"])
+    if not bases:
+        return _not_run(claim["baseline"])
     m = Measured()
-    for label, row, fp16 in ctx.pairs(ctx.systems(claim["systems"])):
-        same = (ctx.base.model == row.model) & (ctx.base.budget == row.budget) & (ctx.base.trace == row.trace) \
-            & (ctx.base.taskset == row.taskset)
-        other = ctx.base[same & (ctx.base.system == base)]
-        if other.empty or not all(_ok(x) for x in (row.quality, fp16.quality, other.iloc[0].quality)):
-            continue
-        loss_sys, loss_base = fp16.quality - row.quality, fp16.quality - other.iloc[0].quality
-        if loss_base > 0:
-            m.values.append((label, 100.0 * (1.0 - loss_sys / loss_base)))
+    for base in bases:
+        for label, row, fp16 in ctx.pairs(ctx.systems(claim["systems"])):
+            same = (ctx.base.model == row.model) & (ctx.base.budget == row.budget) & (ctx.base.trace == row.trace) \
+                & (ctx.base.taskset == row.taskset)
+            other = ctx.base[same & (ctx.base.system == base)]
+            if other.empty or not all(_ok(x) for x in (row.quality, fp16.quality, other.iloc[0].quality)):
+                continue
+            loss_sys, loss_base = fp16.quality - row.quality, fp16.quality - other.iloc[0].quality
+            if loss_base > 0:
+                m.values.append((f"{label} vs {base}", 100.0 * (1.0 - loss_sys / loss_base)))
     if not m.values:
-        m.reason = f"no setting has measured quality for FP16, {base} (with a loss) and MorphServe"
+        m.reason = f"no setting has measured quality for FP16, {', '.join(bases)} (with a loss) and MorphServe"
     return m
 
 
 def ttft_p95_vs(ctx: Context, claim: dict) -> Measured:
-    base = claim["baseline"]
-    if base not in set(ctx.base.system):
-        return Measured(reason=f"the {base} baseline was not run (add it to `systems` through `system_plugins`; "
-                               f"baselines/, issue #8)")
-    return _ratio(ctx, claim, "ttft_p95_s", other=base)
+    bases = ctx.baselines(claim["baseline"])
+    if not bases:
+        return _not_run(claim["baseline"])
+    m = Measured()
+    for base in bases:
+        one = _ratio(ctx, claim, "ttft_p95_s", other=base)
+        m.values.extend((f"{label} vs {base}", v) for label, v in one.values)
+    if not m.values:
+        m.reason = f"no setting has both {', '.join(bases)} and MorphServe with ttft_p95_s"
+    return m
 
 
 def fp16_kv_blocks(ctx: Context, claim: dict) -> Measured:
