@@ -315,7 +315,7 @@ def offline(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dic
     engine.run_until_done()
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     engine.runner.timing = timing = StepTiming()
-    walls, seqs, timed = [], [], []
+    walls, seqs, tokens, timed = [], [], [], []
     sync(dev)
     t0 = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
@@ -329,6 +329,7 @@ def offline(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dic
                 bar.update(1)
             walls.append(time.perf_counter() - t)
             seqs.append(engine.step_stats[-1].num_seqs)
+            tokens.append(engine.step_stats[-1].num_tokens)
             timed.append(runs if len(timing.wall) == runs + 1 else None)  # index into timing, if the step ran
     total = time.perf_counter() - t0
     engine.runner.timing = None
@@ -348,7 +349,10 @@ def offline(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dic
             else None,
             "decode_host_launch_median_s": median([timing.host_launch[j] for _, j in graph_steps]) if graph_steps
             else None,
-            "decode_batch_median": median([seqs[i] for i, _ in graph_steps]) if graph_steps else None}
+            "decode_batch_median": median([seqs[i] for i, _ in graph_steps]) if graph_steps else None,
+            # every step, in order: where the wall time outside the graph-decode steps goes
+            "steps_detail": {"wall_ms": [round(w * 1e3, 3) for w in walls], "seqs": seqs, "tokens": tokens,
+                             "graph": [j is not None and bool(timing.graph[j]) for j in timed]}}
 
 
 def hf_offline(cfg: ModelConfig, prompts: list[list[int]], output_len: int, device: torch.device,
@@ -590,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         m["prefill"] = prefill_sweep(engine, args.prefill, 3 if args.smoke else 5, peak, rng)
         save()
         prompts = [rng.integers(3, cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.requests)]
+        if engine.runner.graphs is not None:  # the PDL comparison cleared them: a server captures every bucket at start
+            engine.runner.graphs.capture_all()
         m["offline"] = offline(engine, prompts, args.output_len)
         save()
         print(json.dumps({name: {"decode": [(r["batch"], round(r.get("wall_over_floor", 0), 3)) for r in m["decode"]],

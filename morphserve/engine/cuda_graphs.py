@@ -162,7 +162,8 @@ class DecodeGraphs:
         from morphserve.kernels.attention import decode_splits
 
         tokens, positions, slots, ctx, tables = self._regions(b, self.inputs)
-        splits = decode_splits(b, self.model.cfg.num_kv_heads, self.kernels.num_sms)
+        cfg = self.model.cfg
+        splits = decode_splits(b, cfg.num_kv_heads, self.kernels.num_sms, group=cfg.num_heads // cfg.num_kv_heads)
         return ForwardBatch(tokens, positions, slots, list(range(b + 1)), [0] * b, [[] for _ in range(b)],
                             self.arange[:b], query_start_t=self.arange[:b + 1], context_lens_t=ctx,
                             block_tables_t=tables, num_splits=splits)

@@ -42,9 +42,35 @@ from morphserve.kernels.triton_support import dot_precision, launch_options
 
 PREFILL_BLOCK_M = 64  # query rows per prefill tile (the host's tile map uses it)
 PREFILL_BLOCK_N = 64
-DECODE_BLOCK_N = 64
 MAX_DECODE_SPLITS = 16
 LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    """Launch parameters of the decode kernel.  ``block_n``: keys per loop iteration; ``prefetch``: resolve the
+    next iteration's block addresses (block table, then segment table) before this iteration's arithmetic, so the
+    two dependent lookups overlap with compute instead of preceding every K/V load; ``programs_per_sm``: the
+    split count aims at this many programs per multiprocessor (:func:`decode_splits`)."""
+
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+    prefetch: bool = False
+    programs_per_sm: int = 8
+
+
+# Chosen by measurement (benchmarks/tune_decode_attention.py on an H200, 2026-12-02; BENCHMARKS.md, "Decode
+# attention").  MHA (one query row per program, CUDA cores): 32-key tiles were best at every batch (the old 64-key
+# default was 1.1-1.27x slower), with about 8 programs per SM.  GQA (the group's rows on tensor cores): 32-key tiles,
+# 3 stages and the address prefetch, with fewer programs (4 per SM: at batch 64, 2 splits were 1.4x slower than 1).
+DECODE_TUNING = DecodeTuning()
+DECODE_TUNING_GQA = DecodeTuning(num_stages=3, prefetch=True, programs_per_sm=4)
+
+
+def decode_tuning(group: int) -> DecodeTuning:
+    """The shipped launch parameters for query groups of ``group`` heads per KV head (1: MHA)."""
+    return DECODE_TUNING if group == 1 else DECODE_TUNING_GQA
 
 
 @dataclass
@@ -97,15 +123,18 @@ def prefill_tile_map(query_start: np.ndarray, device: torch.device | str,
     return both[0], both[1]
 
 
-def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
-    """Context splits for a decode batch: enough programs for two per multiprocessor, at most
-    :data:`MAX_DECODE_SPLITS`.  A function of the batch shape only (see the module docstring), with the batch
-    rounded up to a power of two: the CUDA-graph buckets, so eager and graph decode split alike."""
+def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int, programs_per_sm: int | None = None,
+                  group: int = 1) -> int:
+    """Context splits for a decode batch: enough programs for ``programs_per_sm`` (default: the shipped tuning's
+    for this query ``group``) per multiprocessor, at most :data:`MAX_DECODE_SPLITS`.  A function of the batch shape
+    only (see the module docstring), with the batch rounded up to a power of two: the CUDA-graph buckets, so eager
+    and graph decode split alike."""
+    per_sm = decode_tuning(group).programs_per_sm if programs_per_sm is None else programs_per_sm
     padded = 1 << max(0, num_seqs - 1).bit_length()
-    return max(1, min(MAX_DECODE_SPLITS, (2 * num_sms) // max(1, padded * num_kv_heads)))
+    return max(1, min(MAX_DECODE_SPLITS, (per_sm * num_sms) // max(1, padded * num_kv_heads)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])  # the block-table width changes step by step
 def _prefill_kernel(q_ptr, out_ptr, qs_ptr, ctx_ptr, tables_ptr, table_stride, tile_seq_ptr, tile_start_ptr,
                     kv_ptr, seg_base_ptr, shift, block_stride, base_addr, layer, scale_log2, H: tl.constexpr,
                     KVH: tl.constexpr, ELEM_BYTES: tl.constexpr,
@@ -156,7 +185,8 @@ def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr
                    seg_base_ptr, shift, block_stride, base_addr, layer, scale_log2, num_splits, H: tl.constexpr,
                    KVH: tl.constexpr, ELEM_BYTES: tl.constexpr,
                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -174,14 +204,26 @@ def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr
     l_i = tl.zeros([GROUP_P2], tl.float32)
     acc = tl.zeros([GROUP_P2, D], tl.float32)
     head_off = (layer * 2 * KVH + kvh) * (BS * D)
+    n_next = start + tl.arange(0, BLOCK_N)
+    blk_next = tl.load(tables_ptr + s * table_stride + n_next // BS, mask=n_next < end, other=0)
+    base_next = kv_row_ptrs(kv_ptr, seg_base_ptr, blk_next, head_off + (n_next % BS) * D, shift, block_stride,
+                            base_addr, ELEM_BYTES)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
-        blk = tl.load(tables_ptr + s * table_stride + n // BS, mask=nmask, other=0)
-        base = kv_row_ptrs(kv_ptr, seg_base_ptr, blk, head_off + (n % BS) * D, shift, block_stride, base_addr,
-                           ELEM_BYTES)
+        if PREFETCH:  # addresses resolved during the previous iteration
+            base = base_next
+        else:
+            blk = tl.load(tables_ptr + s * table_stride + n // BS, mask=nmask, other=0)
+            base = kv_row_ptrs(kv_ptr, seg_base_ptr, blk, head_off + (n % BS) * D, shift, block_stride, base_addr,
+                               ELEM_BYTES)
         k = tl.load(base[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
         v = tl.load(base[:, None] + KVH * BS * D + d[None, :], mask=nmask[:, None], other=0.0)
+        if PREFETCH:
+            n_next = n + BLOCK_N
+            blk_next = tl.load(tables_ptr + s * table_stride + n_next // BS, mask=n_next < end, other=0)
+            base_next = kv_row_ptrs(kv_ptr, seg_base_ptr, blk_next, head_off + (n_next % BS) * D, shift,
+                                    block_stride, base_addr, ELEM_BYTES)
         if GROUP == 1:  # MHA: one query row, no tensor cores (a [1, D] x [D, N] product is a dot per key)
             sc = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2
         else:  # GQA: the group's rows (padded to 16) share each K/V tile
@@ -258,10 +300,13 @@ def paged_attention_prefill(q: torch.Tensor, addr: KVAddress, layer: int, meta: 
 
 
 def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: PagedAttentionMetadata,
-                           scale: float) -> torch.Tensor:
+                           scale: float, tuning: DecodeTuning | None = None) -> torch.Tensor:
     """Flash-decoding over the paged cache for batches of one query row per sequence (``q``: ``[S, heads,
-    head_dim]``, row ``s`` belongs to sequence ``s``); ``meta.num_splits`` context splits.  Returns
-    ``[S, heads * head_dim]``."""
+    head_dim]``, row ``s`` belongs to sequence ``s``); ``meta.num_splits`` context splits; ``tuning``: launch
+    parameters (default :func:`decode_tuning` of the query group).  Returns ``[S, heads * head_dim]``."""
+    tuning = tuning or decode_tuning(q.shape[1] // addr.num_kv_heads)
+    if tuning.block_n < 16 or tuning.block_n & (tuning.block_n - 1):
+        raise ValueError(f"decode block_n must be a power of two >= 16, got {tuning.block_n}")
     t, heads, d = _check(q, addr, meta)
     if t != meta.num_seqs or not meta.is_decode:
         raise ValueError(f"decode attention needs one query row per sequence: {t} rows for {meta.num_seqs} "
@@ -285,8 +330,8 @@ def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: P
         addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, scale * LOG2E, splits, H=heads,
         KVH=kvh, ELEM_BYTES=addr.elem_bytes,
         GROUP=group, GROUP_P2=1 if group == 1 else max(16, triton.next_power_of_2(group)), D=d, BS=addr.block_size,
-        BLOCK_N=DECODE_BLOCK_N, DTYPE=addr.dtype, DOT_PREC=dot_precision(q.dtype), num_warps=4, num_stages=2,
-        **opts)
+        BLOCK_N=tuning.block_n, PREFETCH=tuning.prefetch, DTYPE=addr.dtype, DOT_PREC=dot_precision(q.dtype),
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages, **opts)
     if splits > 1:
         _decode_reduce_kernel[(t, heads)](out, part_o, part_lse, splits, H=heads, D=d,
                                           SPLITS_P2=triton.next_power_of_2(MAX_DECODE_SPLITS),

@@ -163,7 +163,7 @@ def gemv_config(m: int, n: int, k: int) -> GemvConfig:
 
 
 # ---- kernels --------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M (rows) changes step by step; it only bounds masks: one variant for all
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
@@ -211,7 +211,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, s
         tl.store(part_ptr + (pid_k * M + rm[:, None]).to(tl.int64) * N + rn[None, :], y, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _splitk_reduce_kernel(part_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
                           USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)

@@ -167,7 +167,7 @@ class TritonKernels(KernelSet):
             addr = self._addr[id(pool)] = self._kv_store.KVAddress.of(pool)
         return addr
 
-    def metadata(self, batch: "ForwardBatch", num_kv_heads: int) -> Any:
+    def metadata(self, batch: "ForwardBatch", num_kv_heads: int, group: int = 1) -> Any:
         """The attention metadata of ``batch``: its uploaded device tensors, plus the prefill tile map or the
         decode split count."""
         attn = self._attention
@@ -182,13 +182,14 @@ class TritonKernels(KernelSet):
             if not meta.is_decode:
                 meta.tile_seq, meta.tile_start = attn.prefill_tile_map(qs_host, batch.token_ids.device)
         if meta.is_decode:
-            meta.num_splits = batch.num_splits or attn.decode_splits(meta.num_seqs, num_kv_heads, self.num_sms)
+            meta.num_splits = batch.num_splits or attn.decode_splits(meta.num_seqs, num_kv_heads, self.num_sms,
+                                                                     group=group)
         return meta
 
     def begin(self, model: "LlamaModel", batch: "ForwardBatch", pool: KVPool) -> _TritonState:
         cfg = model.cfg
-        return _TritonState(batch, self.address(pool), self.metadata(batch, cfg.num_kv_heads), model.cos,
-                            model.sin, cfg.num_heads, model.scale)
+        meta = self.metadata(batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads)
+        return _TritonState(batch, self.address(pool), meta, model.cos, model.sin, cfg.num_heads, model.scale)
 
     def linear_scope(self):
         return self._gemv.enabled()
