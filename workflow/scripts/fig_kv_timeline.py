@@ -8,6 +8,7 @@ import sys
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from artifact.frames import read_frame, read_provenance
@@ -32,8 +33,10 @@ def precision_matrix(tl):
 
 strips = [s for s in systems if not timelines[s].empty and
           (precision_matrix(timelines[s]) != 0).any()]
-heights = [3.2] + [1.1] * len(strips)
-fig, axes = plt.subplots(1 + len(strips), 1, figsize=(10, sum(heights) + 0.8), sharex=True,
+heights = [3.6] + [0.9] * len(strips)
+# constrained layout keeps the panels their height with the legends outside on the right (tight_layout squeezed
+# the panels to slivers once nine systems' legend entries were there)
+fig, axes = plt.subplots(1 + len(strips), 1, figsize=(12, sum(heights) + 1.4), sharex=True, layout="constrained",
                          gridspec_kw={"height_ratios": heights}, squeeze=False)
 ax = axes[0][0]
 t_end = max((tl.t_s.max() + tl.duration_s.iloc[-1]) for tl in timelines.values() if not tl.empty)
@@ -43,12 +46,16 @@ for s in systems:
         continue
     t = np.append(tl.t_s.to_numpy(), tl.t_s.iloc[-1] + tl.duration_s.iloc[-1])
     ax.step(t, np.append(tl.kv_total_blocks, tl.kv_total_blocks.iloc[-1]), where="post", color=colors[s],
-            linewidth=2, label=f"{s} capacity")
+            linewidth=2)
     ax.step(t, np.append(tl.kv_used_blocks, tl.kv_used_blocks.iloc[-1]), where="post", color=colors[s],
-            linewidth=1, linestyle="--", label=f"{s} used")
-ax.set_ylabel("KV cache (blocks of 16 tokens)")
-
-ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="solid: capacity, dashed: used")
+            linewidth=1.2, linestyle="--")
+ax.set_ylabel("KV cache\n(blocks of 16 tokens)")
+ax.set_ylim(bottom=0)
+handles = [Line2D([], [], color=colors[s], linewidth=2, label=s) for s in systems if not timelines[s].empty]
+handles += [Line2D([], [], color="0.3", linewidth=2, label="capacity"),
+            Line2D([], [], color="0.3", linewidth=1.2, linestyle="--", label="used")]
+ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="system",
+          title_fontsize=9)
 cmap = ListedColormap(PRECISION_COLORS)
 norm = BoundaryNorm([-0.5, 0.5, 1.5, 2.5], cmap.N)
 for k, s in enumerate(strips, start=1):
@@ -57,17 +64,18 @@ for k, s in enumerate(strips, start=1):
     edges = np.append(tl.t_s.to_numpy(), tl.t_s.iloc[-1] + tl.duration_s.iloc[-1])
     axk = axes[k][0]
     axk.pcolormesh(edges, np.arange(m.shape[0] + 1), m, cmap=cmap, norm=norm, shading="flat")
-    axk.set_ylabel(f"{s}\nlayer", fontsize=8)
+    axk.set_ylabel(s, fontsize=8, rotation=0, ha="right", va="center")
     axk.set_ylim(m.shape[0], 0)
+    axk.set_yticks([0.5, m.shape[0] - 0.5], ["layer 0", f"layer {m.shape[0] - 1}"], fontsize=7)
     axk.grid(False)
 axes[-1][0].set_xlabel("time since the replay started (s)")
 axes[-1][0].set_xlim(0, t_end)
 if strips:
     axes[1][0].legend(handles=[Patch(color=c, label=p.upper()) for p, c in zip(PRECISION_CODES, PRECISION_COLORS)],
-                      loc="upper left", bbox_to_anchor=(1.01, 1.0), title="layer precision", fontsize=8)
+                      loc="upper left", bbox_to_anchor=(1.01, 1.0), title="layer precision", fontsize=8,
+                      title_fontsize=9)
 syn_w = bool(meta.synthetic_weights.any())
 syn_t = bool(meta.synthetic_trace.any())
 fig.suptitle(f"KV capacity and use over time, with layer precisions\n{w.model}, budget {w.budget}, {w.trace}, "
              f"tasks {w.taskset}, load {sm.params.load}x FP16 capacity{marks(syn_w, syn_t)}", fontsize=11)
-fig.tight_layout()
 save(fig, sm.output[0], read_provenance(sm.input.runs))

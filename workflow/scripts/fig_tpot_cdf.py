@@ -24,7 +24,7 @@ runs = read_frame(sm.input.runs)
 meta = runs[(runs.model == w.model) & (runs.budget == w.budget) & (runs.trace == w.trace) &
             (runs.taskset == w.taskset) & (runs.load == sm.params.load)]
 systems = ordered(df.system.unique())
-fig, ax = plt.subplots(figsize=(7, 4.5))
+fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
 sns.ecdfplot(data=df, x="tpot_ms", hue="system", hue_order=systems, palette=palette(systems), ax=ax, linewidth=2)
 slo = float(meta.slo_tpot_s.iloc[0]) * 1e3
 ax.axvline(slo, color="black", linestyle=":", linewidth=1)
@@ -32,9 +32,9 @@ ax.text(slo, 0.02, f" TPOT SLO {slo:.0f} ms", fontsize=8)
 ax.set_xscale("log")
 ax.set_xlabel("TPOT per request (ms per output token, log scale)")
 ax.set_ylabel("fraction of requests")
+sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title_fontsize=9)  # off the curves
 n = df.groupby("system").size()
 fig.suptitle(f"TPOT CDF, {w.model}, budget {w.budget}, {w.trace}, tasks {w.taskset}, load {sm.params.load}x\n"
              f"({int(n.min())}-{int(n.max())} requests per system)"
              f"{marks(bool(meta.synthetic_weights.any()), bool(meta.synthetic_trace.any()))}", fontsize=11)
-fig.tight_layout()
 save(fig, sm.output[0], read_provenance(sm.input.runs))
