@@ -23,10 +23,14 @@ Everything is measured in the same process, so every ratio compares numbers from
    * **HF transformers** (``--hf``): ``LlamaForCausalLM`` of the same shapes, random float16 weights built on the
      GPU, ``generate_batch`` (continuous batching, paged SDPA) on the same 64 requests, EOS disabled.
 
+By default each model's engine measurements and each HF baseline run in a process of their own, one after
+another, merged into one file (``run_isolated``; ``--no-isolate`` keeps everything in one process).
+
 Writes a JSON file with provenance and a Markdown section (``--out``, ``--md``).  ``--smoke`` runs every code path
 on a tiny shrunken model (CPU or GPU) to check the script itself; its numbers mean nothing.
 
-    python3 benchmarks/bench_fastpath.py --tune-gemv --hf llama2-7b --out fastpath.json --md BENCH_fastpath.md
+    python3 benchmarks/bench_fastpath.py --hf llama2-7b --out fastpath.json --md BENCH_fastpath.md
+    python3 benchmarks/bench_fastpath.py --tune-gemv --no-isolate --hf '' --out gemv.json   # GEMV tuning table
 """
 
 from __future__ import annotations
@@ -494,6 +498,67 @@ def evaluate_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def prompts_for(cfg: ModelConfig, args: argparse.Namespace) -> list[list[int]]:
+    """The offline workload's random prompts: the same in every process (the HF baseline may run in its own)."""
+    rng = np.random.default_rng(1)
+    return [rng.integers(3, cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.requests)]
+
+
+def run_isolated(args: argparse.Namespace, models: list[str], hf_models: list[str]) -> int:
+    """Every model's engine measurements, then every HF baseline, each in a process of its own, one after another
+    on the same device; the results are merged into one file.  Why: on an H200 (2026-12-02) a finished engine's
+    memory was not returned to the device before the next model was built (cause not found), and HF's
+    continuous-batching manager kept its memory after it finished, so sharing a process skewed what came next."""
+    import subprocess
+
+    common = ["--batches", args.batches, "--decode-context", str(args.decode_context), "--prefill", args.prefill,
+              "--requests", str(args.requests), "--prompt-len", str(args.prompt_len), "--output-len",
+              str(args.output_len), "--max-model-len", str(args.max_model_len), "--reps", str(args.reps),
+              "--hf-memory-fraction", str(args.hf_memory_fraction), "--device", args.device, "--no-isolate"]
+    common += (["--kv-cache-bytes", str(args.kv_cache_bytes)] if args.kv_cache_bytes is not None else [])
+    if args.tune_gemv:
+        raise SystemExit("--tune-gemv tunes over all models in one process: add --no-isolate")
+    common += ["--smoke"] if args.smoke else []
+    parts = [("engine", m) for m in models] + [("hf", m) for m in hf_models]
+    res: dict[str, Any] | None = None
+    failures = []
+    for part, name in parts:
+        out = args.out.with_name(f"{args.out.stem}.{part}.{name}.json")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--models", name, "--hf", "", "--part", part,
+               "--out", str(out)] + common
+        print(f"== {part} {name}: {' '.join(cmd)}", flush=True)
+        rc = subprocess.run(cmd).returncode
+        if rc != 0 or not out.exists():
+            failures.append(f"{part} {name}: exit status {rc}")
+            continue
+        child = json.loads(out.read_text())
+        if part == "engine":
+            if res is None:
+                res = child
+                res["command"] = "python3 " + " ".join(sys.argv)
+            else:
+                res["models"].update(child["models"])
+        elif res is not None and name in res["models"]:
+            m = res["models"][name]
+            m["hf"] = child["models"][name]["hf"]
+            ours = m["offline"]["output_tokens_per_s"]
+            m["offline_speedup_vs_hf"] = ours / m["hf"]["output_tokens_per_s_request_window"]
+            m["offline_speedup_vs_hf_call"] = ours / m["hf"]["output_tokens_per_s"]
+        out.unlink()
+    if res is None:
+        print("no engine measurement finished: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    res["isolated_processes"] = True
+    res["failures"] = failures
+    res["targets"] = evaluate_targets(res)
+    args.out.write_text(json.dumps(res, indent=1, default=str))
+    md = markdown(res)
+    if args.md:
+        args.md.write_text(md)
+    print(md)
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="llama2-7b,llama3-8b")
@@ -513,7 +578,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--no-isolate", dest="isolate", action="store_false",
+                    help="measure every model and HF in this process (default: one process per part, see "
+                         "run_isolated)")
+    ap.add_argument("--part", choices=["all", "engine", "hf"], default="all", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.isolate:
+        return run_isolated(args, [m for m in args.models.split(",") if m], [m for m in args.hf.split(",") if m])
     dev = torch.device(args.device)
     args.batches = [int(x) for x in args.batches.split(",")]
     args.prefill = [int(x) for x in args.prefill.split(",")]
@@ -548,6 +619,13 @@ def main(argv: list[str] | None = None) -> int:
                               num_kv_heads=2 if cfg.attention == "MHA" else 1, intermediate_size=512, num_layers=2)
         return cfg
 
+    if args.part == "hf":  # one HF baseline on its own (run_isolated)
+        for name in models:
+            cfg = model_cfg(name)
+            res["models"][name] = {"hf": hf_offline(cfg, prompts_for(cfg, args), args.output_len, dev,
+                                                    args.hf_memory_fraction)}
+            save()
+        return 0
     if args.tune_gemv and dev.type == "cuda":
         res["gemv"] = tune_gemv(dev, [model_cfg(m) for m in models], 5 if args.smoke else 12)
         (args.out.parent / "gemv_tuning.json").write_text(json.dumps(res["gemv"]["table"], indent=1))
@@ -593,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
         m["prefill"] = prefill_sweep(engine, args.prefill, 3 if args.smoke else 5, peak, rng)
         save()
-        prompts = [rng.integers(3, cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.requests)]
+        prompts = prompts_for(cfg, args)
         if engine.runner.graphs is not None:  # the PDL comparison cleared them: a server captures every bucket at start
             engine.runner.graphs.capture_all()
         m["offline"] = offline(engine, prompts, args.output_len)

@@ -161,6 +161,10 @@ add(f"- Replays where the driver submitted a request later than its tolerance (l
 add(f"- Runs with error records: {len(errs)} of {len(runs)}" +
     (": " + ", ".join(f"{r.trace}/{r.system}@{r.load} ({r.errors})" for r in errs.itertuples()) if len(errs) else "")
     + ".")
+if any(str(d).startswith("cpu") for d in devices):
+    add("- On a CPU, W8/W4 layers run the pure-PyTorch reference path (dequantize, then multiply, at every step), "
+        "which is slower than FP16: the TPOT of systems with quantized layers is penalised here.  On a GPU the "
+        "fused kernels are faster than FP16 at batch 1 but not at every batch size (BENCHMARKS.md, issue #3).")
 small = runs[runs.load == base].ok.min()
 add(f"- Sample sizes: {int(small)} to {int(runs[runs.load == base].ok.max())} finished requests per base-load run; "
     f"percentiles and per-task quality of small samples are noisy.")
