@@ -60,10 +60,11 @@ class DecodeTuning:
     programs_per_sm: int = 8
 
 
-# Chosen by measurement (benchmarks/tune_decode_attention.py on an H200, 2026-12-02; BENCHMARKS.md, "Decode
-# attention").  MHA (one query row per program, CUDA cores): 32-key tiles were best at every batch (the old 64-key
-# default was 1.1-1.27x slower), with about 8 programs per SM.  GQA (the group's rows on tensor cores): 32-key tiles,
-# 3 stages and the address prefetch, with fewer programs (4 per SM: at batch 64, 2 splits were 1.4x slower than 1).
+# Chosen by measurement (benchmarks/tune_decode_attention.py on an H200, 2026-12-02; BENCHMARKS.md, fast path,
+# "Second campaign").  MHA (one query row per program, CUDA cores): 32-key tiles were best at every batch (the old
+# 64-key default was 1.1-1.27x slower), with about 8 programs per SM.  GQA (the group's rows on tensor cores):
+# 32-key tiles, 3 stages and the address prefetch, with fewer programs (4 per SM: at batch 64, 2 splits were 1.4x
+# slower than 1).
 DECODE_TUNING = DecodeTuning()
 DECODE_TUNING_GQA = DecodeTuning(num_stages=3, prefetch=True, programs_per_sm=4)
 
