@@ -320,10 +320,43 @@ def offline(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dic
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     engine.runner.timing = timing = StepTiming()
     walls, seqs, tokens, timed = [], [], [], []
+    # What a slow step spent its time on: Triton kernels compiled (or loaded from the disk cache) during the run,
+    # and Python garbage collections, each with the index of the step it happened in.
+    events: list[dict[str, Any]] = []
+
+    def on_compile(**kw: Any) -> None:
+        events.append({"step": len(walls), "compiled": str(kw.get("repr"))[:400]})
+
+    gc_start: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_start[:] = [time.perf_counter()]
+        elif gc_start:
+            ms_ = (time.perf_counter() - gc_start[0]) * 1e3
+            if ms_ >= 1.0 or info.get("generation") == 2:  # the many sub-millisecond young collections: left out
+                events.append({"step": len(walls), "gc_generation": info.get("generation"), "gc_ms": round(ms_, 3)})
+
+    from triton import knobs
+
+    hook_before = knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = on_compile
+    gc.callbacks.append(on_gc)
     sync(dev)
     t0 = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
     outs = {}
+    try:
+        _offline_loop(engine, ids, outs, timing, walls, seqs, tokens, timed)
+    finally:
+        knobs.runtime.jit_post_compile_hook = hook_before
+        gc.callbacks.remove(on_gc)
+    total = time.perf_counter() - t0
+    return _offline_result(engine, prompts, ids, outs, timing, walls, seqs, tokens, timed, total, events)
+
+
+def _offline_loop(engine: LLMEngine, ids: list[str], outs: dict, timing: StepTiming, walls: list, seqs: list,
+                  tokens: list, timed: list) -> None:
     with tqdm(total=len(ids), desc=f"{engine.model_config.name} offline", unit="req") as bar:
         while engine.has_unfinished():
             runs = len(timing.wall)
@@ -335,7 +368,11 @@ def offline(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dic
             seqs.append(engine.step_stats[-1].num_seqs)
             tokens.append(engine.step_stats[-1].num_tokens)
             timed.append(runs if len(timing.wall) == runs + 1 else None)  # index into timing, if the step ran
-    total = time.perf_counter() - t0
+
+
+def _offline_result(engine: LLMEngine, prompts: list[list[int]], ids: list[str], outs: dict, timing: StepTiming,
+                    walls: list, seqs: list, tokens: list, timed: list, total: float,
+                    events: list[dict[str, Any]]) -> dict[str, Any]:
     engine.runner.timing = None
     n_out = sum(len(outs[i].output_token_ids) for i in ids)
     # steps (indices into walls) that replayed a decode graph, and their index into the runner's timing lists
@@ -356,7 +393,8 @@ def offline(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dic
             "decode_batch_median": median([seqs[i] for i, _ in graph_steps]) if graph_steps else None,
             # every step, in order: where the wall time outside the graph-decode steps goes
             "steps_detail": {"wall_ms": [round(w * 1e3, 3) for w in walls], "seqs": seqs, "tokens": tokens,
-                             "graph": [j is not None and bool(timing.graph[j]) for j in timed]}}
+                             "graph": [j is not None and bool(timing.graph[j]) for j in timed]},
+            "compiles_and_gc_during_run": events}
 
 
 def hf_offline(cfg: ModelConfig, prompts: list[list[int]], output_len: int, device: torch.device,
