@@ -291,7 +291,6 @@ class _RequestState:
         self.preemptions = preemptions  # the request's preemption count when this state began (a later one voids it)
         self.q_window: torch.Tensor | None = None  # [L, w, heads, head_dim] while the prefill runs
         self.layer_evicted: np.ndarray | None = None  # [L] prompt tokens evicted per layer, once compressed
-        self.budgets: list[int] | None = None
         self.kept: list[torch.Tensor] | None = None  # per layer [kv_heads, budget_l] kept prompt positions
 
 
@@ -503,7 +502,6 @@ class PyramidKV:
         ids = torch.tensor(req.block_table[:-(-m // bs)], dtype=torch.int64, device=self.device)
         st.kept = compress_cache(self.pool, ids, m, n, st.q_window, budgets, cfg.kernel_size, cfg.pooling,
                                  self.engine.model.scale)
-        st.budgets = budgets
         st.q_window = None
         st.layer_evicted = n - np.asarray(budgets, dtype=np.int64)
         req.num_evicted_tokens = int(st.layer_evicted.min())

@@ -205,10 +205,11 @@ def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr
     l_i = tl.zeros([GROUP_P2], tl.float32)
     acc = tl.zeros([GROUP_P2, D], tl.float32)
     head_off = (layer * 2 * KVH + kvh) * (BS * D)
-    n_next = start + tl.arange(0, BLOCK_N)
-    blk_next = tl.load(tables_ptr + s * table_stride + n_next // BS, mask=n_next < end, other=0)
-    base_next = kv_row_ptrs(kv_ptr, seg_base_ptr, blk_next, head_off + (n_next % BS) * D, shift, block_stride,
-                            base_addr, ELEM_BYTES)
+    if PREFETCH:  # the first iteration's addresses
+        n_next = start + tl.arange(0, BLOCK_N)
+        blk_next = tl.load(tables_ptr + s * table_stride + n_next // BS, mask=n_next < end, other=0)
+        base_next = kv_row_ptrs(kv_ptr, seg_base_ptr, blk_next, head_off + (n_next % BS) * D, shift, block_stride,
+                                base_addr, ELEM_BYTES)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
