@@ -463,15 +463,6 @@ def markdown(res: dict[str, Any]) -> str:
             for r in m["decode_without_pdl"]:
                 if "skipped" not in r and r["batch"] in with_pdl:
                     lines.append(f"| {r['batch']} | {ms(with_pdl[r['batch']]['step_gpu_s'])} | {ms(r['step_gpu_s'])} |")
-        if "decode_other_gemv_variant" in m:
-            on = m["gemv_early_weights"]
-            base = {r["batch"]: r for r in m["decode"] if "skipped" not in r}
-            lines += ["", f"GEMV weight loads: early (first tile before the PDL wait, one tile of read-ahead) "
-                      f"{'on' if on else 'off'} in the table above, {'off' if on else 'on'} here (graphs recaptured):",
-                      "", "| batch | step GPU, above (ms) | step GPU, other variant (ms) |", "|---|---|---|"]
-            for r in m["decode_other_gemv_variant"]:
-                if "skipped" not in r and r["batch"] in base:
-                    lines.append(f"| {r['batch']} | {ms(base[r['batch']]['step_gpu_s'])} | {ms(r['step_gpu_s'])} |")
         if isinstance(m.get("profile"), list):
             for pr in m["profile"]:
                 lines += ["", f"Kernels of one decode step at batch {pr['batch']} (torch.profiler, graph replay): "
@@ -715,17 +706,6 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     set_pdl(None)
                     engine.runner.graphs.clear()
-            from morphserve.kernels.gemv import early_weights, set_early_weights
-
-            m["gemv_early_weights"] = early_weights()
-            set_early_weights(not m["gemv_early_weights"])  # the same steps with the other GEMV weight-load variant
-            engine.runner.graphs.clear()
-            try:
-                m["decode_other_gemv_variant"] = decode_sweep(engine, [1, 8, 64], args.decode_context, args.reps, 3,
-                                                              bw, rng)
-            finally:
-                set_early_weights(None)
-                engine.runner.graphs.clear()
             save()
         m["prefill"] = prefill_sweep(engine, args.prefill, 3 if args.smoke else 5, peak, rng)
         save()

@@ -14,9 +14,6 @@ along K in ``BLOCK_K`` chunks, evicting them from L2 first (they are read once p
 * **Split-K** (``split_k > 1``): K is cut into ``split_k`` ranges handled by separate programs, which write float32
   partial sums; a second small kernel adds them and rounds.  Narrow outputs (N = 4096: the ``o`` and ``down``
   projections of 7B/8B models) otherwise leave too few programs to keep every multiprocessor streaming.
-* **Early weights** (:func:`early_weights`, default on; ``MORPHSERVE_GEMV_EARLY=0`` turns it off): under
-  programmatic dependent launch a program reads its first weight tile *before* waiting for the previous kernel
-  (weights are not written by the kernels of a step), and the loop keeps one tile of read-ahead in registers.
 
 **Configurations.**  :func:`gemv_config` answers from the tuning table when one was loaded for this device
 (:func:`load_tuning`; ``benchmarks/bench_fastpath.py --tune-gemv`` measures :data:`CANDIDATES` against cuBLAS on
@@ -34,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,22 +52,6 @@ TUNING_FILE = Path(__file__).with_name("gemv_tuning.json")
 TUNED_MS = (1, 4, 8, 16, 32, 64)  # the M values a tuning table holds (an M uses the smallest tuned M >= it)
 
 _ENABLED: ContextVar[bool] = ContextVar("morphserve_triton_linear", default=False)
-_EARLY: bool | None = None  # None: decided from MORPHSERVE_GEMV_EARLY on first use
-
-
-def set_early_weights(enabled: bool | None) -> None:
-    """Read the first weight tile before the PDL wait, with one tile of read-ahead in the loop (True), or load each
-    tile in its own iteration after the wait (False); None: back to ``MORPHSERVE_GEMV_EARLY`` (default on).
-    Launches already captured in CUDA graphs keep the variant they were captured with."""
-    global _EARLY
-    _EARLY = enabled
-
-
-def early_weights() -> bool:
-    global _EARLY
-    if _EARLY is None:
-        _EARLY = os.environ.get("MORPHSERVE_GEMV_EARLY", "1") not in ("0", "")
-    return _EARLY
 
 
 @contextlib.contextmanager
@@ -183,24 +163,11 @@ def gemv_config(m: int, n: int, k: int) -> GemvConfig:
 
 
 # ---- kernels --------------------------------------------------------------------------------------------------
-@triton.jit
-def _w_tile(w_ptrs, nmask, k0, rk, k_hi, EVEN_K: tl.constexpr, AHEAD: tl.constexpr):
-    """The ``[BLOCK_N, BLOCK_K]`` weight tile at ``k0`` (zeros past ``k_hi``), streamed past L2 (read once).
-    ``AHEAD``: the tile may lie past the end of the range (a read-ahead), so whole-chunk tiles need a range check."""
-    if EVEN_K:
-        if AHEAD:
-            mask = nmask[:, None] & (k0 < k_hi)
-        else:
-            mask = nmask[:, None]
-    else:
-        mask = nmask[:, None] & ((k0 + rk) < k_hi)[None, :]
-    return tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
-
-
 @triton.jit(do_not_specialize=["M"])  # M (rows) changes step by step; it only bounds masks: one variant for all
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, EARLY_W: tl.constexpr, USE_PDL: tl.constexpr):
+                 SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -217,30 +184,19 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, s
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if EARLY_W:
-        # The weights are never written by the kernels before this one in the stream (only by swap copies, which
-        # the stream waits for with an event, a full dependency), so the first tile is read *before* the PDL
-        # wait: the weight stream starts while the previous kernel (a norm, attention) finishes.  The loop then
-        # keeps one tile in flight ahead of the products (register double buffering).
-        w_next = _w_tile(w_ptrs, nmask, k_lo, rk, k_hi, EVEN_K, True)
-    pdl_wait(USE_PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EARLY_W:
-            w = w_next
-            w_ptrs += BLOCK_K
-            w_next = _w_tile(w_ptrs, nmask, k0 + BLOCK_K, rk, k_hi, EVEN_K, True)
-        else:
-            w = _w_tile(w_ptrs, nmask, k0, rk, k_hi, EVEN_K, False)
-            w_ptrs += BLOCK_K
         if EVEN_K:
+            w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0, eviction_policy="evict_last")
         else:
-            x = tl.load(x_ptrs, mask=mmask[:, None] & ((k0 + rk) < k_hi)[None, :], other=0.0,
-                        eviction_policy="evict_last")
+            kmask = (k0 + rk) < k_hi
+            w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_last")
         if BLOCK_M == 1:
             acc += w.to(tl.float32) * x.to(tl.float32)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
+        w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     pdl_trigger(USE_PDL)
     if BLOCK_M == 1:
@@ -295,8 +251,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> 
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     _gemv_kernel[grid](x, w, y, part, m, n, k, x.stride(0), w.stride(0), y.stride(0), k_per_split,
                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                       EVEN_K=k_per_split * split == k, SPLIT_K=split, EARLY_W=early_weights(),
-                       num_warps=cfg.num_warps,
+                       EVEN_K=k_per_split * split == k, SPLIT_K=split, num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages, **opts)
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
