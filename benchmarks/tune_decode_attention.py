@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", default="1,2,4,8,16")
     ap.add_argument("--max-programs-per-sm", type=int, default=16, help="skip split counts beyond this")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--layouts", default="pool",
+                    help="'pool': the engine's pool (every layer of a block together, so one layer's K/V lies in "
+                         "pieces a whole block apart); 'layer-major': one pool per layer (each layer's blocks "
+                         "contiguous), the same kernel and block tables: tests whether address spread (TLB reach) "
+                         "limits decode attention")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -107,13 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     split_set = [int(x) for x in args.splits.split(",")]
     res: dict = {"provenance": provenance(vars(args) | {"out": str(args.out)}, dev, 0, True),
                  "copy_tb_per_s": bw / 1e12, "num_sms": sms, "settings": []}
-    for name in args.models.split(","):
+    for name, layout in itertools.product(args.models.split(","), args.layouts.split(",")):
+        if layout not in ("pool", "layer-major"):
+            raise SystemExit(f"--layouts: unknown layout {layout!r} (pool, layer-major)")
         cfg = architecture(name)
         max_blocks = max(b * -(-c // BLOCK) for b, c in settings)
-        pool = KVPool(cfg, max_blocks + 1, BLOCK, torch.float16, dev)
-        for seg in pool.segments.values():
-            seg.tensor.view(torch.float16).uniform_(-1, 1)
-        addr = KVAddress.of(pool)
+        if layout == "pool":
+            pools = [KVPool(cfg, max_blocks + 1, BLOCK, torch.float16, dev)]
+        else:
+            pools = [KVPool(cfg.replace(num_layers=1), max_blocks + 1, BLOCK, torch.float16, dev)
+                     for _ in range(cfg.num_layers)]
+        for pool in pools:
+            for seg in pool.segments.values():
+                seg.tensor.view(torch.float16).uniform_(-1, 1)
+        addrs = [KVAddress.of(p) for p in pools]
+        addr = addrs[0]
+        # (address, layer index within that address) of each model layer
+        where = [(addr, layer) for layer in range(cfg.num_layers)] if layout == "pool" else \
+            [(a, 0) for a in addrs]
         kv_layer_token = 2 * cfg.num_kv_heads * cfg.head_dim * 2
         group = cfg.num_heads // cfg.num_kv_heads
         shipped = decode_tuning(group)
@@ -142,24 +158,24 @@ def main(argv: list[str] | None = None) -> int:
                         continue
 
                     def step(meta=meta, t=t):
-                        for layer in range(cfg.num_layers):
-                            paged_attention_decode(q[layer], addr, layer, meta, scale, t)
+                        for layer, (a, li) in enumerate(where):
+                            paged_attention_decode(q[layer], a, li, meta, scale, t)
                     sec = graph_time(step, args.reps)
                     rows.append({"tuning": t.__dict__, "splits": splits, "s": sec, "tb_per_s": nbytes / sec / 1e12,
                                  "fraction_of_copy": nbytes / sec / bw})
             ok = [r for r in rows if r["s"] is not None]
             best = min(ok, key=lambda r: r["s"])
             default = next(r for r in ok if r["splits"] == default_splits and r["tuning"] == shipped.__dict__)
-            entry = {"model": name, "batch": batch, "context": ctx, "kv_bytes": nbytes,
+            entry = {"model": name, "layout": layout, "batch": batch, "context": ctx, "kv_bytes": nbytes,
                      "default_splits": default_splits, "default": default, "best": best,
                      "failed": [r for r in rows if r["s"] is None], "candidates": rows}
             res["settings"].append(entry)
-            print(f"{name} b{batch} ctx{ctx}: default {default['s'] * 1e6:.0f} us ({default['fraction_of_copy']:.2f}"
+            print(f"{name} {layout} b{batch} ctx{ctx}: default {default['s'] * 1e6:.0f} us ({default['fraction_of_copy']:.2f}"
                   f" of copy), best {best['s'] * 1e6:.0f} us ({best['fraction_of_copy']:.2f}) splits {best['splits']} "
                   f"{best['tuning']}", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(res, indent=1))  # partial results survive a time limit
-        del pool, addr
+        del pools, pool, addrs, addr, where
         torch.cuda.empty_cache()
     # the best single tuning (split count chosen per setting) by geometric mean of time / setting's best
     keys = {json.dumps(r["tuning"], sort_keys=True) for e in res["settings"] for r in e["candidates"] if r["s"]}

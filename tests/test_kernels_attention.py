@@ -201,6 +201,10 @@ def test_decode_empty_context_rows_are_zero_and_segments_attached_later_are_read
 def test_metadata_and_helpers():
     tile_seq, tile_start = prefill_tile_map(torch.tensor([0, 3, 3 + 130, 3 + 130 + 1]).numpy(), "cpu", 64)
     assert tile_seq.tolist() == [0, 1, 1, 1, 2] and tile_start.tolist() == [0, 0, 64, 128, 0]
+    # both maps start on 16-byte boundaries for odd and even tile counts (Triton specializes pointers on it)
+    for qs in ([0, 3, 3 + 130, 3 + 130 + 1], [0, 3, 3 + 130]):
+        maps = prefill_tile_map(torch.tensor(qs).numpy(), "cpu", 64)
+        assert all(t.data_ptr() % 16 == 0 for t in maps), [t.data_ptr() % 16 for t in maps]
     assert decode_splits(1, 32, 132, 2) == 8 and decode_splits(256, 8, 132, 2) == 1 and decode_splits(1, 1, 132, 2) == 16
     assert decode_splits(1, 32, 132) == 16 and decode_splits(8, 32, 132) == 4 and decode_splits(32, 32, 132) == 1
     # GQA (group 4, 8 KV heads): 4 programs per SM, so batch 64 runs unsplit (measured 1.4x faster than 2 splits)
