@@ -25,7 +25,7 @@ if not CUDA:
 
 from morphserve.engine.config import EngineConfig  # noqa: E402
 from morphserve.engine.cuda_graphs import graph_buckets  # noqa: E402
-from morphserve.engine.divergence import analyse, first_divergence  # noqa: E402
+from morphserve.engine.divergence import analyse, classify, first_divergence  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
 from morphserve.engine.model_runner import HostBatch  # noqa: E402
 from morphserve.engine.request import Request  # noqa: E402
@@ -160,6 +160,23 @@ def test_first_divergence():
     assert first_divergence([1, 2], [1, 2, 3]) == 2
 
 
+def test_classify_near_ties():
+    """The criterion on hand-made logits: the reference's second choice within the noise band is a near tie; its
+    third is not, even inside the band (the rank condition; the bfloat16 case measured on an H200), and neither is
+    a token far below the best, or a second choice with a clear margin over small noise."""
+    ref = torch.tensor([5.0, 4.9973, 4.9990, 1.0, 0.0])  # tokens 0, 2, 1 within 0.003 of each other
+    noisy = ref + torch.tensor([-0.008, 0.009, 0.007, 0.01, -0.006])
+    d = classify(0, 3, 2, 0, noisy, ref)
+    assert d.test_rank == 1 and d.gap == pytest.approx(0.001, abs=1e-5) and d.near_tie
+    d = classify(0, 3, 1, 0, noisy, ref)
+    assert d.test_rank == 2 and d.gap == pytest.approx(0.0027, abs=1e-5) and not d.near_tie
+    assert not classify(0, 3, 3, 0, noisy, ref).near_tie  # 4.0 below the best: a bug, not rounding
+    clear = torch.tensor([5.0, 4.5, 0.0, 0.0])
+    d = classify(0, 0, 1, 0, clear + 1e-3, clear)  # second choice, but 0.5 below with 0.001 of noise
+    assert d.test_rank == 1 and not d.near_tie
+    assert classify(0, 0, 0, 1, clear, clear).gap == 0.0  # the reference's own best: a tie the other way
+
+
 def test_rounding_sized_divergences_are_near_ties_and_a_bug_is_not():
     """Two float32 runs of a synthetic model (std-0.02 weights: small logit margins), one with every weight
     perturbed by a relative 1e-3 (the size of 16-bit rounding): they diverge, and every divergence is a near
@@ -176,7 +193,7 @@ def test_rounding_sized_divergences_are_near_ties_and_a_bug_is_not():
     _, got = _greedy(noisy, prompts, 12, ignore_eos=True)
     divs = analyse(noisy, ref, prompts, got, want)
     assert divs, "the perturbation produced no divergence: the test lost its power"
-    assert all(d.near_tie for d in divs), [d.to_dict() for d in divs]
+    assert all(d.near_tie for d in divs), "\n".join(str(d.to_dict()) for d in divs)
     bug = _synthetic("llama2-7b", "float32", "cpu")
     bug.model.arena.layers[1].tensors["down"].mul_(3.0)
     _, wrong = _greedy(bug, prompts, 12, ignore_eos=True)
@@ -214,7 +231,7 @@ def test_cuda_fast_vs_reference_synthetic(arch, dtype):
     if dtype == "float32":
         assert a == b
     divs = analyse(fast, ref, prompts, a, b)
-    assert all(d.near_tie for d in divs), [d.to_dict() for d in divs]
+    assert all(d.near_tie for d in divs), "\n".join(str(d.to_dict()) for d in divs)
 
 
 @gpu
@@ -340,10 +357,10 @@ def test_precision_change_recaptures(monkeypatch):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", pytest.param("bfloat16", marks=pytest.mark.xfail(
-    strict=False, reason="failed on an H200 (2026-11-22, tiny MHA checkpoint) with the cause not established: the "
-                         "analysis re-computes the divergence step by one prefill, whose bfloat16 error may be "
-                         "smaller than the decode run's accumulated error, so a rounding flip can look like a clear "
-                         "winner; float16 passes on both checkpoints"))])
+    strict=False, reason="a three-way tie: on an H200 (2026-12-02, tiny MHA checkpoint) one of five bfloat16 "
+                         "divergences chose the reference's third token, 0.0027 below its best at a logit noise of "
+                         "0.0083 (the other four are near ties); the analysis counts only top-two ties (see "
+                         "morphserve.engine.divergence); float16 passes on both checkpoints"))])
 def test_16bit_vs_fp32_divergences_are_near_ties(tiny_checkpoint, dtype):
     """The fast path at 16 bits against itself at float32: on a tiny checkpoint (large weights, clear winners)
     and on a synthetic shrunken Llama-2 (small margins, where rounding does flip tokens)."""
@@ -352,13 +369,13 @@ def test_16bit_vs_fp32_divergences_are_near_ties(tiny_checkpoint, dtype):
     p, a = _greedy(lo, PARITY_PROMPTS, 32)
     _, b = _greedy(hi, PARITY_PROMPTS, 32)
     divs = analyse(lo, hi, p, a, b)
-    assert all(d.near_tie for d in divs), [d.to_dict() for d in divs]
+    assert all(d.near_tie for d in divs), "\n".join(str(d.to_dict()) for d in divs)
     prompts = _token_prompts(6, (5, 17, 40, 9, 100, 3))
     lo, hi = _synthetic("llama2-7b", dtype, "cuda"), _synthetic("llama2-7b", "float32", "cuda")
     _, a = _greedy(lo, prompts, 16, ignore_eos=True)
     _, b = _greedy(hi, prompts, 16, ignore_eos=True)
     divs = analyse(lo, hi, prompts, a, b)
-    assert all(d.near_tie for d in divs), [d.to_dict() for d in divs]
+    assert all(d.near_tie for d in divs), "\n".join(str(d.to_dict()) for d in divs)
 
 
 @gpu
