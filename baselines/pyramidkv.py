@@ -347,6 +347,9 @@ class PyramidKernels(KernelSet):
             layers = [self._layer_state(state, batch, plan, i) for i in range(self.num_layers)]
         return _PyramidState(state, layers, plan.capture)
 
+    def upload_regions(self, query_start):
+        return self.inner.upload_regions(query_start)
+
     def linear_scope(self):
         return self.inner.linear_scope()
 

@@ -311,17 +311,16 @@ def profile_decode(engine: LLMEngine, batch: int, context: int, rng: np.random.G
 def offline(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
     """The workload through the engine's scheduler, after a short warm-up with the same prompts (8 requests, 16
     output tokens), so that one-time costs (Triton compiles for new argument specialisations of mixed prefill and
-    decode steps, graph captures) stay out of the measurement."""
+    decode steps, graph captures) stay out of the measurement; the warm heap is then frozen as a server's is
+    (:meth:`LLMEngine.warmed_up`, released when the engine is closed)."""
     dev = engine.device
     warm = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     for p in prompts[:8]:
         engine.add_request(p, warm)
     engine.run_until_done()
-    # A serving process, once warm, moves its long-lived heap (torch, transformers, Triton, the engine) out of the
-    # collector's reach, as vLLM does after start-up: a full collection otherwise walks all of it (measured: a
-    # 314 ms generation-2 collection inside one step on an H200, 2026-12-02).  Garbage is collected first.
-    gc.collect()
-    gc.freeze()
+    # The engine's own warm-up-then-freeze (morphserve.engine.heap_freeze): a full collection otherwise walks the
+    # whole heap (measured: a 314 ms generation-2 collection inside one step on an H200, 2026-12-02).
+    engine.warmed_up()
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     engine.runner.timing = timing = StepTiming()
     walls, seqs, tokens, timed = [], [], [], []
@@ -723,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "prefill": [(r["tokens"], round(r["fraction_of_matmul_peak"], 3))
                                              for r in m["prefill"]],
                                  "offline_tok_s": round(m["offline"]["output_tokens_per_s"])}}), flush=True)
+        engine.close()  # releases the heap freeze: the engine's frozen cycles (and its GPU memory) can be freed
         del engine
         gc.collect()
         if dev.type == "cuda":

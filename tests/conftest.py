@@ -55,6 +55,21 @@ def _tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+@pytest.fixture(autouse=True)
+def _heap_freeze_released():
+    """Fails a test that leaves an engine's heap freeze held (an engine warmed up and not closed): its frozen
+    objects, and every later test's, would never be collected.  The leftover references are released first, so
+    one leak does not fail the tests after it."""
+    yield
+    from morphserve.engine import heap_freeze
+
+    left = heap_freeze.holders()
+    for _ in range(left):
+        heap_freeze.release()
+    if left:
+        pytest.fail(f"{left} heap-freeze reference(s) left held: close the engines that called warmed_up()")
+
+
 @pytest.fixture(scope="session", params=["mha", "gqa"])
 def tiny_checkpoint(request, tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)

@@ -153,6 +153,60 @@ def test_triton_matches_reference_tokens(tiny_gqa):
     assert out["triton"] == out["reference"]
 
 
+def test_prefill_tile_map_travels_in_the_packed_upload(tiny_gqa, monkeypatch):
+    """The Triton set's prefill tile map is two more regions of the step's one packed upload (the CPU path packs
+    the same layout into a host array): no copy of its own is made (the separate copy is made to fail), both maps
+    start 16-byte aligned for odd and even tile counts, the kernels are handed exactly those regions, and the
+    prefill kernel reading them gives the reference kernels' logits.  Decode steps and the reference set add no
+    region."""
+    import dataclasses
+
+    from morphserve.kernels import attention
+
+    def separate_copy(*args, **kwargs):
+        raise AssertionError("the tile map was copied to the device on its own, not in the packed upload")
+
+    monkeypatch.setattr(attention, "prefill_tile_map", separate_copy)
+    eng = LLMEngine(EngineConfig(model=str(tiny_gqa), device="cpu", dtype="float32"), kernels="triton")
+    runner, bs = eng.runner, eng.config.block_size
+    assert runner.kernels.upload_regions(np.arange(4, dtype=np.int64)) == ()  # decode: no tile map
+    for lens, tiles in (((3, 130, 1), 5), ((3, 130), 4)):  # 64-row tiles: 1 + 3 + 1 (odd) and 1 + 3 (even)
+        chunks = []
+        for i, n in enumerate(lens):
+            req = Request(str(i), list(range(3, 3 + n)), SamplingParams(), 0.0)
+            req.block_table = eng.block_manager.allocate(-(-n // bs))
+            chunks.append(ScheduledChunk(req, n))
+        hb = HostBatch.from_chunks(chunks, bs)
+        batch = runner.upload(hb)
+        seq, start = attention.prefill_tile_map_host(hb.query_start)
+        assert len(seq) == tiles and len(batch.kernel_regions) == 2
+        tile_seq, tile_start = batch.kernel_regions
+        assert tile_seq.tolist() == seq.tolist() and tile_start.tolist() == start.tolist()
+        packed = batch.token_ids.untyped_storage().data_ptr()
+        tables_end = batch.block_tables_t.data_ptr() + batch.block_tables_t.numel() * 8
+        for r in batch.kernel_regions:
+            assert r.untyped_storage().data_ptr() == packed and r.data_ptr() >= tables_end
+            assert r.data_ptr() % 16 == 0, r.data_ptr() % 16
+        state = runner.kernels.begin(eng.model, batch, eng.pool)
+        assert state.meta.tile_seq is tile_seq and state.meta.tile_start is tile_start
+        got = eng.model.forward(batch, eng.pool, runner.kernels)
+        runner.kernels = ReferenceKernels()
+        try:
+            ref_batch = runner.upload(hb)
+            assert ref_batch.kernel_regions == ()
+            want = eng.model.forward(ref_batch, eng.pool, runner.kernels)
+        finally:
+            runner.kernels = eng.model.kernels
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="tile map uploaded with it .* got 0 regions"):
+            runner.kernels.begin(eng.model, dataclasses.replace(batch, kernel_regions=()), eng.pool)
+        for c in chunks:
+            eng.block_manager.free_blocks(c.request.block_table)
+    monkeypatch.setattr(runner.kernels, "upload_regions", lambda qs: (np.zeros(3, np.float32),))
+    with pytest.raises(ValueError, match=r"'triton': upload region 0 must be a 1-D int64 array, got float32\[3\]"):
+        runner.upload(hb)
+
+
 # ---- near-tie analysis ------------------------------------------------------------------------------------------
 def test_first_divergence():
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None

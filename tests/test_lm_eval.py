@@ -51,7 +51,10 @@ def replayed(tiny_mha, tmp_path_factory):
     assert {r.task for r in requests} == {"qmsum", "gov_report"}
     path, _ = write_workload(Workload(requests, w.summary), tmp / "w.jsonl", {"test": True})
     engine = LLMEngine(EngineConfig(model=str(tiny_mha), num_kv_blocks=KV_BLOCKS))
-    run = run_replay(path, tmp / "run", engine, progress=False)
+    try:
+        run = run_replay(path, tmp / "run", engine, progress=False)
+    finally:
+        engine.close()
     quality, _ = read_json(run["files"]["quality"], "quality")
     return path, run["files"], quality
 

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from morphserve.engine.config import EngineConfig
+from morphserve.engine import heap_freeze
 from morphserve.engine.engine import LLMEngine
 from morphserve.engine.llm import LLM
 from morphserve.engine.sampling_params import SamplingParams
@@ -35,9 +36,15 @@ def engine(model, **kw) -> LLMEngine:
 def test_run_replay_writes_every_file_and_keeps_the_schedule(tiny_mha, tmp_path):
     w = tiny_workload(tiny_mha)
     write_workload(w, tmp_path / "w.jsonl", {"git_commit": "test"})
+    eng = engine(tiny_mha)
     t = time.monotonic()
-    out = run_replay(tmp_path / "w.jsonl", tmp_path / "run", engine(tiny_mha), progress=False)
-    wall = time.monotonic() - t
+    try:
+        out = run_replay(tmp_path / "w.jsonl", tmp_path / "run", eng, progress=False)
+        wall = time.monotonic() - t
+        assert heap_freeze.holders() == 1  # frozen after the warm-up, held until the engine is closed
+    finally:
+        eng.close()
+    assert heap_freeze.holders() == 0
     assert wall >= w.requests[-1].arrival_s  # real time: the last request cannot be sent before its arrival
     files = out["files"]
     assert sorted(files) == ["aggregates", "quality", "requests_csv", "requests_json", "timeline"]
@@ -47,6 +54,7 @@ def test_run_replay_writes_every_file_and_keeps_the_schedule(tiny_mha, tmp_path)
     records, prov = read_request_records(files["requests_json"])
     assert prov["config"]["workload"]["sha256"] == w.summary["workload"]["sha256"]
     assert prov["config"]["engine"]["model"] == str(tiny_mha) and prov["git_commit"] and prov["device"]
+    assert prov["config"]["heap_frozen"] is True and prov["config"]["engine"]["freeze_heap"] is True
     assert [r.request_id for r in records] == [q.request_id for q in w.requests]
     for r, q in zip(records, w.requests):
         assert r.ok and r.finish_reason == "length" and r.output_tokens == 6 == len(r.token_times_s)
@@ -91,7 +99,11 @@ def test_rejected_requests_end_in_error_records(tiny_mha, tmp_path):
     reqs[0] = dataclasses.replace(reqs[0], max_tokens=1000)
     reqs[5] = dataclasses.replace(reqs[5], prompt=reqs[5].prompt * 40)
     bad = Workload(reqs, w.summary)
-    out = run_replay(bad, tmp_path, engine(tiny_mha, num_kv_blocks=40), progress=False)
+    eng = engine(tiny_mha, num_kv_blocks=40, freeze_heap=False)
+    out = run_replay(bad, tmp_path, eng, progress=False)
+    assert heap_freeze.holders() == 0  # the configuration opted out
+    _, prov = read_request_records(out["files"]["requests_json"])
+    assert prov["config"]["heap_frozen"] is False
     records, _ = read_request_records(out["files"]["requests_json"])
     assert len(records) == 8
     errs = {r.request_id: r for r in records if not r.ok}

@@ -31,6 +31,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0  # synthetic weights and default sampling seeds
+    # Freeze the warm heap once warm-up is over (LLMEngine.warmed_up; morphserve.engine.heap_freeze), so that no
+    # full garbage collection walks it during a step; False leaves the collector alone.
+    freeze_heap: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -41,6 +44,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {v}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not isinstance(self.freeze_heap, bool):
+            raise ValueError(f"freeze_heap must be True or False, got {self.freeze_heap!r}")
 
     def torch_device(self) -> torch.device:
         if self.device is None:

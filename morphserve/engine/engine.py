@@ -3,6 +3,10 @@
 :class:`LLMEngine` is synchronous: ``add_request`` then ``step`` until ``has_unfinished()`` is false.  It may be
 driven by :class:`morphserve.engine.serving.ServingEngine`, which runs the loop on a thread and accepts requests
 while it runs.  Every request ends with a :class:`RequestOutput`: tokens and text, or an error record.
+
+Lifetime: whoever warms the engine up (the harness's replay, a benchmark) calls :meth:`LLMEngine.warmed_up` once
+warm-up is over, which freezes the warm heap (:mod:`morphserve.engine.heap_freeze`; ``EngineConfig.freeze_heap``
+opts out), and :meth:`LLMEngine.close` when done with the engine, which releases that freeze.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from morphserve.engine import heap_freeze
 from morphserve.engine.config import EngineConfig
 from morphserve.engine.cuda_graphs import DecodeGraphs
 from morphserve.engine.model_runner import ModelRunner
@@ -90,6 +95,27 @@ class LLMEngine:
         self.kv_policy = None
         self._ids = itertools.count()
         self._steps = 0
+        self._heap_frozen = False  # this engine holds a heap_freeze reference
+
+    # ---- lifetime -------------------------------------------------------------------------------------------
+    def warmed_up(self) -> bool:
+        """Mark the end of warm-up (one-time costs paid: Triton compiles, graph captures, allocator growth): with
+        ``config.freeze_heap`` (the default) the garbage is collected and the warm heap frozen, so that no full
+        collection walks it during a step (:mod:`morphserve.engine.heap_freeze`).  The engine holds the freeze
+        until :meth:`close`; a second call holds nothing more.  Returns whether the engine holds it."""
+        if self.config.freeze_heap and not self._heap_frozen:
+            heap_freeze.freeze()
+            self._heap_frozen = True
+        return self._heap_frozen
+
+    def close(self) -> None:
+        """Give back what the engine holds process-wide: its reference to the heap freeze (the last one unfreezes
+        the heap, so engines built one after another in a process do not keep each other's garbage).  Idempotent;
+        the engine stays usable (a later :meth:`warmed_up` freezes again).  An engine dropped without ``close``
+        keeps its reference: its own frozen cycles would never be collected to release it."""
+        if self._heap_frozen:
+            self._heap_frozen = False
+            heap_freeze.release()
 
     @property
     def synthetic_weights(self) -> bool:

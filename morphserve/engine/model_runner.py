@@ -2,8 +2,10 @@
 
 :meth:`ModelRunner.prepare` is vectorised: the per-token metadata (tokens, positions, slot mapping) is computed
 with NumPy from per-sequence arrays, never in a Python loop over tokens.  On CUDA everything a step needs is
-packed into one pinned int64 buffer and uploaded with a single asynchronous copy; the kernels then read device
-tensors, and the only host synchronisation of a step is reading back the sampled tokens.  The upload is a kernel
+packed into one pinned int64 buffer and uploaded with a single asynchronous copy: the step's metadata and the
+regions its kernel set asks for (:meth:`~morphserve.model.kernel_set.KernelSet.upload_regions`, e.g. the Triton
+set's prefill tile map).  The kernels then read device tensors, and the only host synchronisation of a step is
+reading back the sampled tokens.  The upload is a kernel
 reading the pinned buffer (:mod:`morphserve.kernels.host_upload`), not a copy-engine transfer, so it never waits
 behind a layer swap's copy.  Two pinned buffers
 alternate, each guarded by an event, so a buffer is never rewritten while its copy may still be in flight (a step
@@ -144,10 +146,17 @@ class ModelRunner:
         return HostBatch.from_chunks(sched.chunks, self.pool.block_size)
 
     def upload(self, hb: HostBatch) -> ForwardBatch:
-        """One packed host-to-device copy of the step's metadata; returns the batch of device views."""
+        """One packed host-to-device copy of the step's metadata and of the kernel set's regions
+        (:meth:`KernelSet.upload_regions`, for this runner's kernels); returns the batch of device views.  On CPU the
+        packed buffer is a host array the views share."""
         t, s, r, w = hb.num_tokens, hb.num_seqs, hb.logits_rows.shape[0], hb.tables.shape[1]
+        extra = self.kernels.upload_regions(hb.query_start)
+        for j, p in enumerate(extra):
+            if p.dtype != np.int64 or p.ndim != 1:
+                raise ValueError(f"kernel set {self.kernels.name!r}: upload region {j} must be a 1-D int64 array, "
+                                 f"got {p.dtype}{list(p.shape)}")
         parts = [hb.tokens, hb.positions, hb.slots, hb.logits_rows, hb.query_start, hb.context_lens,
-                 hb.tables.reshape(-1)]
+                 hb.tables.reshape(-1), *extra]
         # Every region starts on a 16-byte boundary (an even int64 offset): Triton specializes pointer arguments on
         # 16-byte alignment, so regions whose alignment followed the step's sizes made kernels compile new variants
         # in the middle of serving (measured: 2-3 s steps on an H200, 2026-12-02).
@@ -172,7 +181,8 @@ class ModelRunner:
         return ForwardBatch(dev[o[0]:o[0] + t], dev[o[1]:o[1] + t], dev[o[2]:o[2] + t], hb.query_start.tolist(),
                             hb.context_lens.tolist(), hb.block_tables, dev[o[3]:o[3] + r],
                             query_start_t=dev[o[4]:o[4] + s + 1], context_lens_t=dev[o[5]:o[5] + s],
-                            block_tables_t=dev[o[6]:o[6] + s * w].view(s, w))
+                            block_tables_t=dev[o[6]:o[6] + s * w].view(s, w),
+                            kernel_regions=tuple(dev[a:a + p.shape[0]] for a, p in zip(o[7:], extra)))
 
     def prepare(self, sched: SchedulerOutput) -> ForwardBatch:
         return self.upload(self.host_batch(sched))

@@ -66,9 +66,12 @@ def cmd_replay(a: argparse.Namespace) -> int:
     if engine.synthetic_weights:
         print("[morphserve] SYNTHETIC WEIGHTS: latency numbers are real, outputs and quality scores are not",
               file=sys.stderr)
-    out = run_replay(workload, a.out, engine, slo=SLO(a.ttft_slo, a.tpot_slo), lag_tolerance_s=a.lag_tolerance,
-                     warmup_requests=a.warmup_requests, drain_timeout_s=a.drain_timeout,
-                     score_quality=not a.no_quality)
+    try:
+        out = run_replay(workload, a.out, engine, slo=SLO(a.ttft_slo, a.tpot_slo), lag_tolerance_s=a.lag_tolerance,
+                         warmup_requests=a.warmup_requests, drain_timeout_s=a.drain_timeout,
+                         score_quality=not a.no_quality)
+    finally:
+        engine.close()
     agg = out["aggregates"]
     lat = agg["latency_s"]
     brief: dict[str, Any] = {

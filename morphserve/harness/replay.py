@@ -17,9 +17,10 @@ While the replay runs, :class:`StepTimeline` samples the engine after every step
 use and in total, queue length, running requests, tokens) and, when the engine has a weight arena, the per-layer
 precision map.
 
-:func:`run_replay` is the whole experiment: load and validate the workload, build the engine, warm it up, replay,
-aggregate, and write ``requests.json``, ``requests.csv``, ``aggregates.json``, ``timeline.csv`` and (when the
-requests carry references) ``quality.json``, all stamped with provenance.
+:func:`run_replay` is the whole experiment: load and validate the workload, build the engine, warm it up, freeze its
+warm heap (:meth:`LLMEngine.warmed_up <morphserve.engine.engine.LLMEngine.warmed_up>`; held until the caller closes
+the engine), replay, aggregate, and write ``requests.json``, ``requests.csv``, ``aggregates.json``,
+``timeline.csv`` and (when the requests carry references) ``quality.json``, all stamped with provenance.
 """
 
 from __future__ import annotations
@@ -322,7 +323,8 @@ def run_replay(workload: Workload | str | Path, out_dir: str | Path, engine: LLM
                drain_timeout_s: float | None = None, score_quality: bool = True,
                progress: bool = True) -> dict[str, Any]:
     """Replay ``workload`` into ``engine`` (run on a :class:`ServingEngine`) and write the result files to
-    ``out_dir``; returns ``{"files": {...}, "aggregates": {...}, "warnings": [...]}``."""
+    ``out_dir``; returns ``{"files": {...}, "aggregates": {...}, "warnings": [...]}``.  The engine's heap is frozen
+    after the warm-up (unless its config opts out); the caller releases it with ``engine.close()``."""
     from morphserve.provenance import provenance
 
     if not isinstance(workload, Workload):
@@ -331,6 +333,7 @@ def run_replay(workload: Workload | str | Path, out_dir: str | Path, engine: LLM
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     warmed = warm_up(engine, workload, warmup_requests) if warmup_requests else 0
+    heap_frozen = engine.warmed_up()
     server = ServingEngine(engine)
     server.start()
     result: ReplayResult | None = None
@@ -354,6 +357,7 @@ def run_replay(workload: Workload | str | Path, out_dir: str | Path, engine: LLM
         "slo": slo.to_dict(),
         "lag_tolerance_s": lag_tolerance_s,
         "warmup_requests": warmed,
+        "heap_frozen": heap_frozen,
         "drain_timeout_s": drain_timeout_s,
     }
     prov = provenance(config, engine.device, summary.get("seed"), engine.synthetic_weights)

@@ -15,7 +15,8 @@ decode token alike.  ``block_tables[s, j]`` is the global id of the block holdin
 
 **Prefill** (any batch).  The grid is (query tile, head).  The host builds the tile map (which sequence and which
 row offset each tile covers) from the query lengths it already knows, so a step that mixes one long chunk with many
-decode rows launches exactly the tiles it needs.  A tile stops at its last row's causal bound.
+decode rows launches exactly the tiles it needs; an engine step uploads the map with the rest of its metadata.  A
+tile stops at its last row's causal bound.
 
 **Decode** (every sequence has one query row).  The grid is (sequence, KV head, split): one program serves all the
 query heads of a KV head (GQA groups share each K/V tile; the group is padded to 16 rows for the tensor cores; with
@@ -112,14 +113,25 @@ class PagedAttentionMetadata:
         return meta
 
 
-def prefill_tile_map(query_start: np.ndarray, device: torch.device | str,
-                     block_m: int = PREFILL_BLOCK_M) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each prefill tile, its sequence and its first row within that sequence's query rows (vectorised)."""
+def prefill_tile_map_host(query_start: np.ndarray,
+                          block_m: int = PREFILL_BLOCK_M) -> tuple[np.ndarray, np.ndarray]:
+    """For each prefill tile, its sequence and its first row within that sequence's query rows (int64 host arrays,
+    vectorised).  The engine's steps upload these with the rest of their metadata
+    (:meth:`TritonKernels.upload_regions <morphserve.model.kernel_set.TritonKernels.upload_regions>`)."""
     lens = np.diff(query_start)
     tiles = -(-lens // block_m)
     seq = np.repeat(np.arange(len(lens), dtype=np.int64), tiles)
     first = np.repeat(np.cumsum(tiles) - tiles, tiles)
     start = (np.arange(seq.shape[0], dtype=np.int64) - first) * block_m
+    return seq, start
+
+
+def prefill_tile_map(query_start: np.ndarray, device: torch.device | str,
+                     block_m: int = PREFILL_BLOCK_M) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prefill_tile_map_host` copied to ``device`` by a copy of its own: for batches that arrive without
+    device metadata (:meth:`PagedAttentionMetadata.from_lists`); an engine step's map travels in its packed upload
+    instead (see :meth:`morphserve.engine.model_runner.ModelRunner.upload`)."""
+    seq, start = prefill_tile_map_host(query_start, block_m)
     # One copy for both maps, each row padded to an even length: the second map then starts on a 16-byte boundary
     # whatever the tile count.  Triton specializes pointer arguments on 16-byte alignment, so an odd tile count
     # compiled a new prefill-kernel variant in the middle of serving (measured on an H200, 2026-12-02: three

@@ -20,7 +20,10 @@ the Triton path for small batches.
 
 :meth:`KernelSet.begin` turns a :class:`~morphserve.model.llama.ForwardBatch` into the per-step state its kernels
 need (the reference set gathers the RoPE rows; the Triton set builds :class:`PagedAttentionMetadata`, reusing the
-device tensors the model runner uploaded).  :func:`select_kernel_set` picks the Triton set on CUDA and the
+device tensors the model runner uploaded).  A set that needs more per-step host data on the device names it in
+:meth:`KernelSet.upload_regions`: the model runner uploads those arrays as more regions of the step's one packed
+upload (:meth:`~morphserve.engine.model_runner.ModelRunner.upload`), never by copies of their own; the Triton set
+sends its prefill tile map this way.  :func:`select_kernel_set` picks the Triton set on CUDA and the
 reference set on CPU.
 """
 
@@ -51,6 +54,13 @@ class KernelSet(ABC):
     @abstractmethod
     def begin(self, model: "LlamaModel", batch: "ForwardBatch", pool: KVPool) -> Any:
         """Per-step state shared by the layers of one forward."""
+
+    def upload_regions(self, query_start: np.ndarray) -> tuple[np.ndarray, ...]:
+        """1-D int64 host arrays this set's kernels read in a step whose sequence ``s`` owns the query rows
+        ``query_start[s]:query_start[s+1]``.  The model runner uploads them with the step's other metadata, in one
+        packed upload, and hands their device views to :meth:`begin` as ``batch.kernel_regions`` (in this order).
+        Default: none."""
+        return ()
 
     def linear_scope(self) -> ContextManager[None]:
         """Context entered around the forward (how projections are routed)."""
@@ -138,6 +148,11 @@ class _TritonState:
     scale: float
 
 
+def _max_query_len(query_start: np.ndarray) -> int:
+    """The longest sequence's query rows in a step (0 for a step without sequences)."""
+    return int(np.diff(query_start).max()) if len(query_start) > 1 else 0
+
+
 class TritonKernels(KernelSet):
     """The Triton kernels (compiled on CUDA; under the interpreter on CPU, for tests)."""
 
@@ -167,20 +182,31 @@ class TritonKernels(KernelSet):
             addr = self._addr[id(pool)] = self._kv_store.KVAddress.of(pool)
         return addr
 
+    def upload_regions(self, query_start: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The prefill tile map (tile -> sequence, tile -> first query row) of a step that is not decode-only; none
+        for a decode step.  Uploaded with the step's metadata: a pageable copy of its own would block the host and,
+        on the copy engine, wait behind a layer swap's copy in flight (see :mod:`morphserve.kernels.host_upload`)."""
+        if _max_query_len(query_start) == 1:
+            return ()
+        return self._attention.prefill_tile_map_host(np.asarray(query_start, dtype=np.int64))
+
     def metadata(self, batch: "ForwardBatch", num_kv_heads: int, group: int = 1) -> Any:
-        """The attention metadata of ``batch``: its uploaded device tensors, plus the prefill tile map or the
-        decode split count."""
+        """The attention metadata of ``batch``: its uploaded device tensors, plus the prefill tile map (uploaded with
+        them, see :meth:`upload_regions`) or the decode split count.  A batch without device metadata (built from
+        lists) has its metadata and tile map copied to the device here."""
         attn = self._attention
-        qs_host = np.asarray(batch.query_start, dtype=np.int64)
-        max_q = int(np.diff(qs_host).max()) if len(qs_host) > 1 else 0
         if batch.query_start_t is None or batch.context_lens_t is None or batch.block_tables_t is None:
             meta = attn.PagedAttentionMetadata.from_lists(batch.query_start, batch.context_lens,
                                                           batch.block_tables, batch.token_ids.device)
         else:
             meta = attn.PagedAttentionMetadata(batch.query_start_t, batch.context_lens_t, batch.block_tables_t,
-                                               max_q)
+                                               _max_query_len(np.asarray(batch.query_start, dtype=np.int64)))
             if not meta.is_decode:
-                meta.tile_seq, meta.tile_start = attn.prefill_tile_map(qs_host, batch.token_ids.device)
+                if len(batch.kernel_regions) != 2:
+                    raise ValueError(f"a prefill batch with device metadata needs its tile map uploaded with it "
+                                     f"(2 kernel regions, from TritonKernels.upload_regions), got "
+                                     f"{len(batch.kernel_regions)} regions")
+                meta.tile_seq, meta.tile_start = batch.kernel_regions
         if meta.is_decode:
             meta.num_splits = batch.num_splits or attn.decode_splits(meta.num_seqs, num_kv_heads, self.num_sms,
                                                                      group=group)

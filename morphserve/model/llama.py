@@ -37,6 +37,9 @@ class ForwardBatch:
     context_lens_t: torch.Tensor | None = None  # [S]
     block_tables_t: torch.Tensor | None = None  # [S, W], padded with 0
     num_splits: int | None = None  # decode attention context splits, pinned by the CUDA-graph runner
+    # Device views of the arrays the kernel set asked to have uploaded with the step (KernelSet.upload_regions, in
+    # its order; the Triton set's prefill tile map), regions of the same packed upload.
+    kernel_regions: tuple[torch.Tensor, ...] = ()
 
 
 class LayerHooks(Protocol):
