@@ -138,10 +138,13 @@ class GemvConfig:
     block_n: int
     num_warps: int
     split_k: int = 1
+    stages: int = 0  # W4 only: 0 = register prefetch kernel; >= 1 = compiler-pipelined kernel with this many stages
+    rows_step: int = 8  # W4 pipelined kernel: int32 word rows per loop iteration
 
     @property
     def name(self) -> str:
-        return f"gemv[n{self.block_n},w{self.num_warps},sk{self.split_k}]"
+        extra = f",p{self.stages},r{self.rows_step}" if self.stages else ""
+        return f"gemv[n{self.block_n},w{self.num_warps},sk{self.split_k}{extra}]"
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,49 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     store_tile(acc[None, :], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
 
 
+@triton.jit(do_not_specialize=["M", "num_groups", "groups_per_split", "split_k"])
+def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
+                              M, N, stride_xm, num_groups, groups_per_split, split_k,
+                              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_STEP: tl.constexpr,
+                              STAGES: tl.constexpr, FENCE: tl.constexpr):
+    """The GEMV as one flat loop over steps of ``ROWS_STEP`` word rows, every load inside the loop: Triton's
+    software pipeliner (``num_stages``) then keeps several steps of words in flight through shared memory instead
+    of registers, so occupancy is not limited by prefetched words (a loop without a dot is pipelined only when its
+    ``tl.range`` asks for stages; the kernel-level ``num_stages`` does not apply).  Same arithmetic as :func:`_w4_gemv_kernel`;
+    the zero/scale correction is applied per step (``ROWS_STEP`` rows lie in one group)."""
+    ROWS: tl.constexpr = GROUP // 8
+    STEPS: tl.constexpr = ROWS // ROWS_STEP  # steps per group
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, ROWS_STEP)
+    x_row = x_ptr + m * stride_xm
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in tl.range(0, groups_per_split * STEPS, num_stages=STAGES):  # loads without a dot: pipelined only so
+        g = pid_k * groups_per_split + t // STEPS
+        g_in = tl.minimum(g, num_groups - 1)  # past the last group: re-read it, add nothing (scales load as 0)
+        rows = g_in * ROWS + (t % STEPS) * ROWS_STEP + offs_r
+        w = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + g_in * N + offs_n, mask=n_mask & (g < num_groups), other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g_in * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        xs = tl.zeros((ROWS_STEP,), dtype=tl.float32)
+        d = tl.zeros((ROWS_STEP, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            if j == 6:
+                w = w >> 24  # codes 6 and 7 move to bits 0..7
+            xj = tl.load(x_row + rows * 8 + j).to(tl.float32)  # x[8r + j]
+            xs += xj
+            # w & (15 << 4i) read as a float32 is q * 2**(4i - 149) exactly; x scaled by 2**(100 - 4i).
+            f = (w & (15 << (4 * j if j < 6 else 4 * j - 24))).to(tl.float32, bitcast=True)
+            d += f * (xj * (2.0 ** (100 - (4 * j if j < 6 else 4 * j - 24))))[:, None]
+        acc += s * (tl.sum(d, axis=0) * (2.0 ** 49) - z * tl.sum(xs, axis=0))
+    offs_m = m + tl.arange(0, 1)
+    tile_id = m * tl.num_programs(0) + pid_n
+    store_tile(acc[None, :], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
+
+
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                cfg: GemvConfig = GemvConfig(256, 2)) -> torch.Tensor:
     """``x @ W.T`` with the split-K GEMV kernel (one program per row of ``x``, column block and K split)."""
@@ -274,6 +320,14 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     ws = splitk_workspace(x.device)  # passed even without split-K: the kernel's pointer types must not change
     if split > 1:
         ws.check(m, n, grid[0] * m)
+    if cfg.stages:
+        rows_step = min(cfg.rows_step, group_size // W4_PACK)
+        _check_block("rows_step", rows_step)
+        _w4_gemv_pipelined_kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0),
+                                        num_groups, groups_per_split, split, GROUP=group_size, BLOCK_N=cfg.block_n,
+                                        ROWS_STEP=rows_step, STAGES=cfg.stages, FENCE=not interpreting(),
+                                        num_warps=cfg.num_warps)
+        return y
     _w4_gemv_kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0), num_groups,
                           groups_per_split, split, GROUP=group_size, BLOCK_N=cfg.block_n,
                           ROWS_STEP=min(8, group_size // W4_PACK), FENCE=not interpreting(),

@@ -49,7 +49,7 @@ SCRATCH_BYTES = 256 << 20
 _GEMV_MAX_M = 4  # the GEMV kernels run one program per row of x: a candidate only for tiny M
 # Split-K candidates aim at this many programs per SM (plus split_k = 1); GEMV programs are 1 to 4 warps.
 _SPIN_CYCLES = 200_000  # about 100 us at 2 GHz (see Timer)
-_SPLITK_WAVES = {"gemv": (2, 4, 8), "gemm": (1, 2, 4)}
+_SPLITK_WAVES = {"gemv": (2, 4, 8, 16), "gemm": (1, 2, 4)}
 
 
 def bucket_of(m: int) -> int:
@@ -155,9 +155,14 @@ _GEMM_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int], .
         (2048, ((64, 128, 4, 4), (128, 128, 8, 3))),
     ),
 }
-# GEMV (block_n, num_warps): W4 gives each thread 8 output columns from 256 per warp (4 for block_n 128); W8 gives
-# each thread 4 words of 4 to 8 rows.  Chosen by the compiler's resource report (no spills) and instruction counts.
-_GEMV_SHAPES = {Precision.W4: ((128, 1), (256, 1), (512, 2), (1024, 4)), Precision.W8: ((32, 4), (64, 4), (64, 8))}
+# GEMV (block_n, num_warps[, stages, rows_step]): W4 gives each thread 4 or 8 output columns (block_n 128 or 256 per
+# warp); W8 gives each thread 4 words of 4 to 8 rows.  Chosen by the compiler's resource report (no spills) and
+# instruction counts.  The W4 entries with stages are the compiler-pipelined kernel: the four that came closest to
+# the best of 1,700 configurations on every Llama-2-7B / Llama-3-8B shape at M = 1 (H200 sweep, 2026-12-02,
+# BENCHMARKS.md), next to the register-prefetch kernel, which stays best on the smallest shapes.
+_GEMV_SHAPES = {Precision.W4: ((128, 1), (256, 2), (512, 4), (256, 1, 2, 8), (128, 1, 2, 8), (512, 2, 2, 4),
+                               (128, 2, 2, 16)),
+                Precision.W8: ((32, 4), (64, 4), (64, 8))}
 _W8_GEMV_STEP = 256  # input features per step of the W8 GEMV
 
 
@@ -182,10 +187,10 @@ def candidates(w: QuantWeight, m: int, num_sms: int) -> list[Path]:
     out: list[Path] = []
     if m <= _GEMV_MAX_M:
         max_split = k // w.group_size if w.precision is Precision.W4 else (k + _W8_GEMV_STEP - 1) // _W8_GEMV_STEP
-        for bn, warps in _GEMV_SHAPES[w.precision]:
+        for bn, warps, *pipelined in _GEMV_SHAPES[w.precision]:
             tiles = m * ((n + bn - 1) // bn)
             for s in _split_options("gemv", tiles, max_split, num_sms, m, n):
-                out.append(Path("gemv", GemvConfig(bn, warps, s)))
+                out.append(Path("gemv", GemvConfig(bn, warps, s, *pipelined)))
     tiles_for_m = next((t for bound, t in _GEMM_TILES[w.precision] if m <= bound), None)
     if tiles_for_m is not None:
         block_k = 0
