@@ -167,7 +167,8 @@ def test_prefill_tile_map_travels_in_the_packed_upload(tiny_gqa, monkeypatch):
         raise AssertionError("the tile map was copied to the device on its own, not in the packed upload")
 
     monkeypatch.setattr(attention, "prefill_tile_map", separate_copy)
-    eng = LLMEngine(EngineConfig(model=str(tiny_gqa), device="cpu", dtype="float32"), kernels="triton")
+    dev = "cuda" if CUDA else "cpu"  # the Triton set runs under the interpreter on CPU, compiled on CUDA
+    eng = LLMEngine(EngineConfig(model=str(tiny_gqa), device=dev, dtype="float32"), kernels="triton")
     runner, bs = eng.runner, eng.config.block_size
     assert runner.kernels.upload_regions(np.arange(4, dtype=np.int64)) == ()  # decode: no tile map
     for lens, tiles in (((3, 130, 1), 5), ((3, 130), 4)):  # 64-row tiles: 1 + 3 + 1 (odd) and 1 + 3 (even)

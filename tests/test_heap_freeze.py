@@ -22,9 +22,22 @@ def _engine(model, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(model), num_kv_blocks=16, **kw))
 
 
+@pytest.fixture(autouse=True)
+def unfrozen_heap():
+    """Each test starts from an unfrozen heap: other code in the process may have frozen it before (seen on the GPU
+    machine, 2026-12-02: a fresh ``python3`` there starts with 375 frozen objects), which the counts below would
+    misread.  That freeze is put back afterwards."""
+    was_frozen = gc.get_freeze_count() > 0
+    gc.unfreeze()
+    yield
+    if was_frozen:
+        gc.freeze()
+
+
 def test_engines_hold_the_freeze_until_the_last_one_closes(tiny_mha):
-    assert gc.get_freeze_count() == 0 and heap_freeze.holders() == 0
     a, b = _engine(tiny_mha), _engine(tiny_mha)
+    gc.unfreeze()  # in case building an engine imported code that froze the heap (see unfrozen_heap)
+    assert gc.get_freeze_count() == 0 and heap_freeze.holders() == 0
     cycle = _Node()
     ref = weakref.ref(cycle)
     assert a.warmed_up() is True
@@ -34,10 +47,12 @@ def test_engines_hold_the_freeze_until_the_last_one_closes(tiny_mha):
     del cycle
     gc.collect()
     assert ref() is not None  # frozen: out of the collector's reach
-    assert b.warmed_up() is True and heap_freeze.holders() == 2 and gc.get_freeze_count() >= frozen
+    # Counts below are only compared with 0: a frozen object whose last reference goes away is freed (and
+    # leaves the count) as usual, so the count is not monotonic.
+    assert b.warmed_up() is True and heap_freeze.holders() == 2 and gc.get_freeze_count() > 0
     a.close()
     a.close()  # idempotent
-    assert heap_freeze.holders() == 1 and gc.get_freeze_count() >= frozen  # b still holds it
+    assert heap_freeze.holders() == 1 and gc.get_freeze_count() > 0  # b still holds it
     b.close()
     assert heap_freeze.holders() == 0 and gc.get_freeze_count() == 0
     gc.collect()
@@ -60,10 +75,9 @@ def test_opt_out_and_bad_values(tiny_mha):
 def test_a_freeze_by_other_code_is_left_in_place(tiny_mha):
     gc.freeze()  # other code froze the heap before any engine did
     try:
-        before = gc.get_freeze_count()
         eng = _engine(tiny_mha)
-        assert eng.warmed_up() is True and gc.get_freeze_count() >= before
+        assert eng.warmed_up() is True and gc.get_freeze_count() > 0
         eng.close()
-        assert heap_freeze.holders() == 0 and gc.get_freeze_count() >= before > 0
+        assert heap_freeze.holders() == 0 and gc.get_freeze_count() > 0  # the other code's freeze stays
     finally:
         gc.unfreeze()

@@ -208,6 +208,17 @@ def _dot_mode(dtype: torch.dtype) -> tuple[int, str]:
 
 
 # ---- split-K GEMV (small M) ------------------------------------------------------------------------------------------
+@triton.jit
+def _w4_code_times_x(w, xj, j: tl.constexpr):
+    """``q_j * x_j * 2**-49`` for the word tile ``w`` (``[rows, BLOCK_N]``; for ``j >= 6`` already shifted right by
+    24 bits) and the float32 ``x_j`` of its rows (``[rows]``).  The bits ``w & (15 << 4i)`` read as a float32 are
+    exactly ``q * 2**(4i - 149)`` (a subnormal, or for ``i = 5`` the smallest normals, which continue the same
+    scale): one AND per code, no conversion; ``x`` is scaled by ``2**(100 - 4i)`` so every product is the normal
+    float ``x * q * 2**-49``."""
+    f = (w & (15 << (4 * j if j < 6 else 4 * j - 24))).to(tl.float32, bitcast=True)
+    return f * (xj * (2.0 ** (100 - (4 * j if j < 6 else 4 * j - 24))))[:, None]
+
+
 @triton.jit(do_not_specialize=["M", "num_groups", "groups_per_split", "split_k"])
 def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, stride_xm, num_groups, groups_per_split, split_k,
@@ -250,11 +261,7 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     w = w >> 24  # codes 6 and 7 move to bits 0..7
                 xj = tl.load(x_row + rows * 8 + j).to(tl.float32)  # x[8r + j]
                 xsum += xj
-                # The bits (w & (15 << 4i)) read as a float32 are q * 2**(4i - 149) exactly (a subnormal, or for
-                # i = 5 the smallest normals, which continue the same scale): one AND per code, no conversion.
-                # x is scaled by 2**(100 - 4i) so every product is the normal float x * q * 2**-49.
-                f = (w & (15 << (4 * j if j < 6 else 4 * j - 24))).to(tl.float32, bitcast=True)
-                xq += tl.sum(f * (xj * (2.0 ** (100 - (4 * j if j < 6 else 4 * j - 24))))[:, None], axis=0)
+                xq += tl.sum(_w4_code_times_x(w, xj, j), axis=0)
         acc += s * (xq * (2.0 ** 49) - z * tl.sum(xsum, axis=0))
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
@@ -269,8 +276,10 @@ def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_pt
     """The GEMV as one flat loop over steps of ``ROWS_STEP`` word rows, every load inside the loop: Triton's
     software pipeliner (``num_stages``) then keeps several steps of words in flight through shared memory instead
     of registers, so occupancy is not limited by prefetched words (a loop without a dot is pipelined only when its
-    ``tl.range`` asks for stages; the kernel-level ``num_stages`` does not apply).  Same arithmetic as :func:`_w4_gemv_kernel`;
-    the zero/scale correction is applied per step (``ROWS_STEP`` rows lie in one group)."""
+    ``tl.range`` asks for stages; the kernel-level ``num_stages`` does not apply).  Same arithmetic as
+    :func:`_w4_gemv_kernel`; the zero/scale correction is applied per step (``ROWS_STEP`` rows lie in one group).
+    Measured on an H200 (2026-12-02, BENCHMARKS.md): faster than the register-prefetch kernel on the large
+    7B/8B shapes at M = 1 (e.g. 28672 x 4096: 27 us against 29-33 us), not on 4096 x 4096."""
     ROWS: tl.constexpr = GROUP // 8
     STEPS: tl.constexpr = ROWS // ROWS_STEP  # steps per group
     pid_n = tl.program_id(0)
@@ -281,7 +290,7 @@ def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_pt
     offs_r = tl.arange(0, ROWS_STEP)
     x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for t in tl.range(0, groups_per_split * STEPS, num_stages=STAGES):  # loads without a dot: pipelined only so
+    for t in tl.range(0, groups_per_split * STEPS, num_stages=STAGES):
         g = pid_k * groups_per_split + t // STEPS
         g_in = tl.minimum(g, num_groups - 1)  # past the last group: re-read it, add nothing (scales load as 0)
         rows = g_in * ROWS + (t % STEPS) * ROWS_STEP + offs_r
@@ -295,9 +304,7 @@ def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_pt
                 w = w >> 24  # codes 6 and 7 move to bits 0..7
             xj = tl.load(x_row + rows * 8 + j).to(tl.float32)  # x[8r + j]
             xs += xj
-            # w & (15 << 4i) read as a float32 is q * 2**(4i - 149) exactly; x scaled by 2**(100 - 4i).
-            f = (w & (15 << (4 * j if j < 6 else 4 * j - 24))).to(tl.float32, bitcast=True)
-            d += f * (xj * (2.0 ** (100 - (4 * j if j < 6 else 4 * j - 24))))[:, None]
+            d += _w4_code_times_x(w, xj, j)
         acc += s * (tl.sum(d, axis=0) * (2.0 ** 49) - z * tl.sum(xs, axis=0))
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n

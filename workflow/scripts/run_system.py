@@ -85,3 +85,4 @@ run = {
     "warnings": result["warnings"],
 }
 write_json(sm.output.run, "run", run, prov)
+engine.close()  # releases the heap freeze run_replay took after its warm-up
