@@ -158,7 +158,7 @@ _GEMM_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int], .
 # GEMV (block_n, num_warps[, stages, rows_step]): W4 gives each thread 4 or 8 output columns (block_n 128 or 256 per
 # warp); W8 gives each thread 4 words of 4 to 8 rows.  Chosen by the compiler's resource report (no spills) and
 # instruction counts.  The W4 entries with stages are the compiler-pipelined kernel: the four that came closest to
-# the best of 1,700 configurations on every Llama-2-7B / Llama-3-8B shape at M = 1 (H200 sweep, 2026-12-02,
+# the best of 420 configurations on every Llama-2-7B / Llama-3-8B shape at M = 1 (H200 sweep, 2026-12-02,
 # BENCHMARKS.md), next to the register-prefetch kernel, which stays best on the smallest shapes.
 _GEMV_SHAPES = {Precision.W4: ((128, 1), (256, 2), (512, 4), (256, 1, 2, 8), (128, 1, 2, 8), (512, 2, 2, 4),
                                (128, 2, 2, 16)),
