@@ -300,10 +300,13 @@ class _StepPlan:
 
     num_tokens: int
     num_seqs: int
-    slots: torch.Tensor | None  # [L, T] per-layer slot mapping (None: no compressed sequence in the step)
+    slots_host: np.ndarray | None  # [L, T] per-layer slot mapping (None: no compressed sequence in the step)
     context_lens: list[list[int]] | None  # [L][S]
-    context_lens_t: torch.Tensor | None  # [L, S]
+    context_lens_host: np.ndarray | None  # [L, S]
     capture: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (q buffer [L, w, H, D], batch rows, window idx)
+    uploaded: bool = False  # the two host arrays were handed to the step's packed upload (upload_regions)
+    slots: torch.Tensor | None = None  # device views of the host arrays, set by PyramidKernels.begin
+    context_lens_t: torch.Tensor | None = None
 
 
 @dataclass
@@ -335,8 +338,23 @@ class PyramidKernels(KernelSet):
         return dataclasses.replace(state, batch=lb)
 
     def begin(self, model, batch, pool):
-        state = self.inner.begin(model, batch, pool)
         plan, self.plan = self.plan, None
+        if plan is not None and plan.uploaded:
+            # The last two regions of the packed upload are the plan's (upload_regions); the rest are the inner set's.
+            if len(batch.kernel_regions) < 2:
+                raise RuntimeError(f"PyramidKV: the step's per-layer metadata was handed to the upload but the batch "
+                                   f"carries {len(batch.kernel_regions)} kernel regions")
+            *inner_regions, slots, ctx = batch.kernel_regions
+            plan.slots = slots.view(plan.slots_host.shape)
+            plan.context_lens_t = ctx.view(plan.context_lens_host.shape)
+            batch = dataclasses.replace(batch, kernel_regions=tuple(inner_regions))
+        elif plan is not None and plan.slots_host is not None:
+            # A batch that did not come through ModelRunner.upload (built from lists): a copy of its own.
+            dev = torch.from_numpy(np.concatenate([plan.slots_host.ravel(), plan.context_lens_host.ravel()]))
+            dev = dev.to(batch.token_ids.device)
+            plan.slots = dev[:plan.slots_host.size].view(plan.slots_host.shape)
+            plan.context_lens_t = dev[plan.slots_host.size:].view(plan.context_lens_host.shape)
+        state = self.inner.begin(model, batch, pool)
         if plan is None:
             return _PyramidState(state, None, [])
         if plan.num_tokens != batch.token_ids.shape[0] or plan.num_seqs != len(batch.context_lens):
@@ -348,7 +366,14 @@ class PyramidKernels(KernelSet):
         return _PyramidState(state, layers, plan.capture)
 
     def upload_regions(self, query_start):
-        return self.inner.upload_regions(query_start)
+        """The inner set's regions, then (in a step with a compressed sequence) the plan's per-layer slot mapping and
+        context lengths, so they travel in the step's one packed upload rather than by a copy of their own."""
+        inner = self.inner.upload_regions(query_start)
+        plan = self.plan
+        if plan is None or plan.slots_host is None:
+            return inner
+        plan.uploaded = True
+        return (*inner, plan.slots_host.ravel(), plan.context_lens_host.ravel())
 
     def linear_scope(self):
         return self.inner.linear_scope()
@@ -479,9 +504,9 @@ class PyramidKV:
         addr = positions[None, :] - evicted[seq].T  # [L, T]
         slots = tables[seq[None, :], addr // bs] * bs + addr % bs
         ctx = (starts + lens)[None, :] - evicted.T  # [L, S]
-        dev = torch.from_numpy(np.concatenate([slots.ravel(), ctx.ravel()])).to(self.device)
-        plan.slots = dev[:slots.size].view(slots.shape)
-        plan.context_lens_t = dev[slots.size:].view(ctx.shape)
+        # Host arrays: the step's packed upload carries them to the device (PyramidKernels.upload_regions).
+        plan.slots_host = np.ascontiguousarray(slots, dtype=np.int64)
+        plan.context_lens_host = np.ascontiguousarray(ctx, dtype=np.int64)
         plan.context_lens = ctx.tolist()
 
     def after_forward(self, sched) -> None:

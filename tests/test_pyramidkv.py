@@ -380,6 +380,33 @@ def test_triton_kernels_match_reference(tiny_gqa):
     assert out["triton"] == out["reference"]
 
 
+def test_per_layer_metadata_travels_in_the_packed_upload(tiny_gqa, monkeypatch):
+    """In steps with a compressed request, the per-layer slot mapping and context lengths are two more regions of the
+    step's one packed upload (no copy of their own, which would give them storage of their own): the per-layer views
+    share the packed buffer's storage, for both kernel sets, and the Triton set still finds its own regions (the
+    prefill tile map) in front of them."""
+    from baselines import pyramidkv
+
+    seen = []
+    layer_state = pyramidkv.PyramidKernels._layer_state
+
+    def spy(self, state, batch, plan, layer):
+        seen.append((plan.slots.untyped_storage().data_ptr(), plan.context_lens_t.untyped_storage().data_ptr(),
+                     batch.token_ids.untyped_storage().data_ptr(), plan.uploaded, len(batch.kernel_regions)))
+        return layer_state(self, state, batch, plan, layer)
+
+    monkeypatch.setattr(pyramidkv.PyramidKernels, "_layer_state", spy)
+    prompts = _prompts((50, 30, 60), seed=2)
+    for ks in ("reference", "triton"):
+        seen.clear()
+        eng, policy = _engine(tiny_gqa, "pyramidkv-20-w4", kernels=ks, max_num_batched_tokens=40)
+        _greedy(eng, prompts, 4)
+        assert policy.stats["compressed_requests"] == 3 and seen
+        assert all(s == p and c == p and up for s, c, p, up, _ in seen), ks
+        if ks == "triton":  # mixed steps hand the inner set its tile map (2 regions); decode steps none
+            assert {n for *_, n in seen} == {0, 2}
+
+
 def test_plugin_through_the_workflow_installer(tiny_mha):
     sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
     from artifact.engines import install_system
