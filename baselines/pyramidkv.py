@@ -339,21 +339,16 @@ class PyramidKernels(KernelSet):
 
     def begin(self, model, batch, pool):
         plan, self.plan = self.plan, None
-        if plan is not None and plan.uploaded:
+        if plan is not None and plan.slots_host is not None:
             # The last two regions of the packed upload are the plan's (upload_regions); the rest are the inner set's.
-            if len(batch.kernel_regions) < 2:
-                raise RuntimeError(f"PyramidKV: the step's per-layer metadata was handed to the upload but the batch "
-                                   f"carries {len(batch.kernel_regions)} kernel regions")
+            # A plan exists only inside an engine step, whose batch always comes through ModelRunner.upload.
+            if not plan.uploaded or len(batch.kernel_regions) < 2:
+                raise RuntimeError(f"PyramidKV: the step's per-layer metadata must travel in its packed upload "
+                                   f"(handed over: {plan.uploaded}; kernel regions: {len(batch.kernel_regions)})")
             *inner_regions, slots, ctx = batch.kernel_regions
             plan.slots = slots.view(plan.slots_host.shape)
             plan.context_lens_t = ctx.view(plan.context_lens_host.shape)
             batch = dataclasses.replace(batch, kernel_regions=tuple(inner_regions))
-        elif plan is not None and plan.slots_host is not None:
-            # A batch that did not come through ModelRunner.upload (built from lists): a copy of its own.
-            dev = torch.from_numpy(np.concatenate([plan.slots_host.ravel(), plan.context_lens_host.ravel()]))
-            dev = dev.to(batch.token_ids.device)
-            plan.slots = dev[:plan.slots_host.size].view(plan.slots_host.shape)
-            plan.context_lens_t = dev[plan.slots_host.size:].view(plan.context_lens_host.shape)
         state = self.inner.begin(model, batch, pool)
         if plan is None:
             return _PyramidState(state, None, [])

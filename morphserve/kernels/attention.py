@@ -132,10 +132,9 @@ def prefill_tile_map(query_start: np.ndarray, device: torch.device | str,
     device metadata (:meth:`PagedAttentionMetadata.from_lists`); an engine step's map travels in its packed upload
     instead (see :meth:`morphserve.engine.model_runner.ModelRunner.upload`)."""
     seq, start = prefill_tile_map_host(query_start, block_m)
-    # One copy for both maps, each row padded to an even length: the second map then starts on a 16-byte boundary
-    # whatever the tile count.  Triton specializes pointer arguments on 16-byte alignment, so an odd tile count
-    # compiled a new prefill-kernel variant in the middle of serving (measured on an H200, 2026-12-02: three
-    # compiles and a 2.2 s step in the offline benchmark).
+    # One copy for both maps, each row padded to an even length, so the second map starts on a 16-byte boundary as
+    # the packed upload's regions do (an unaligned map once compiled new prefill-kernel variants mid-serving, H200,
+    # 2026-12-02; the kernel no longer specializes on it, and engine steps no longer come through here).
     n = seq.shape[0]
     both = np.zeros((2, n + (n & 1)), dtype=np.int64)
     both[0, :n], both[1, :n] = seq, start
