@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--stages", default="1,2,3")
     ap.add_argument("--splits", default="1,2,4,8,16")
+    ap.add_argument("--mha-dot", default="0",
+                    help="comma list of 0/1: MHA's query row on the CUDA cores (0) or padded to 16 rows on tensor "
+                         "cores (1); GQA models ignore it")
     ap.add_argument("--max-programs-per-sm", type=int, default=16, help="skip split counts beyond this")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--layouts", default="pool",
@@ -105,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     bw = copy_bandwidth()
     settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
-    tunings = [DecodeTuning(block_n=bn, num_warps=w, num_stages=st, prefetch=pf)
-               for bn, w, st, pf in itertools.product([int(x) for x in args.block_n.split(",")],
-                                                      [int(x) for x in args.warps.split(",")],
-                                                      [int(x) for x in args.stages.split(",")], [False, True])]
+    tunings = [DecodeTuning(block_n=bn, num_warps=w, num_stages=st, prefetch=pf, mha_dot=md)
+               for bn, w, st, pf, md in itertools.product([int(x) for x in args.block_n.split(",")],
+                                                          [int(x) for x in args.warps.split(",")],
+                                                          [int(x) for x in args.stages.split(",")], [False, True],
+                                                          [bool(int(x)) for x in args.mha_dot.split(",")])]
     split_set = [int(x) for x in args.splits.split(",")]
     res: dict = {"provenance": provenance(vars(args) | {"out": str(args.out)}, dev, 0, True),
                  "copy_tb_per_s": bw / 1e12, "num_sms": sms, "settings": []}
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         kv_layer_token = 2 * cfg.num_kv_heads * cfg.head_dim * 2
         group = cfg.num_heads // cfg.num_kv_heads
         shipped = decode_tuning(group)
-        mine = tunings + ([shipped] if shipped not in tunings else [])  # the shipped default is always timed
+        mine = [t for t in tunings if group == 1 or not t.mha_dot]  # GQA ignores mha_dot: no duplicates
+        mine += [shipped] if shipped not in mine else []  # the shipped default is always timed
         for batch, ctx in settings:
             perm = torch.randperm(max_blocks, device="cpu").tolist()
             per = -(-ctx // BLOCK)

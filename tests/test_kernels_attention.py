@@ -158,7 +158,9 @@ def test_decode_matches_reference_for_every_split(heads, kv_heads, head_dim, dty
 
 
 @pytest.mark.parametrize("tuning", [DecodeTuning(block_n=16, prefetch=True), DecodeTuning(block_n=32, prefetch=True),
-                                    DecodeTuning(block_n=128, num_warps=8, num_stages=3, prefetch=False)])
+                                    DecodeTuning(block_n=128, num_warps=8, num_stages=3, prefetch=False),
+                                    DecodeTuning(block_n=32, mha_dot=True), DecodeTuning(block_n=64, mha_dot=True,
+                                                                                         prefetch=True)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (6, 2, 64)])
 def test_decode_tunings_match_reference(heads, kv_heads, head_dim, tuning):
     """Every launch variant the tuner may choose (address prefetch, other key tiles) gives the reference result,

@@ -52,13 +52,17 @@ class DecodeTuning:
     """Launch parameters of the decode kernel.  ``block_n``: keys per loop iteration; ``prefetch``: resolve the
     next iteration's block addresses (block table, then segment table) before this iteration's arithmetic, so the
     two dependent lookups overlap with compute instead of preceding every K/V load; ``programs_per_sm``: the
-    split count aims at this many programs per multiprocessor (:func:`decode_splits`)."""
+    split count aims at this many programs per multiprocessor (:func:`decode_splits`); ``mha_dot``: MHA only (one
+    query row per KV head): pad that row with zero rows to 16 so both products run on tensor cores as ``tl.dot``
+    (15 of 16 rows wasted, but no float32 conversion and cross-thread reduction per element as on the CUDA cores;
+    GQA always uses tensor cores)."""
 
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 2
     prefetch: bool = False
     programs_per_sm: int = 8
+    mha_dot: bool = False
 
 
 # Chosen by measurement (benchmarks/tune_decode_attention.py on an H200, 2026-12-02; BENCHMARKS.md, fast path,
@@ -248,16 +252,16 @@ def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr
             blk_next = tl.load(tables_ptr + s * table_stride + n_next // BS, mask=n_next < end, other=0)
             base_next = kv_row_ptrs(kv_ptr, seg_base_ptr, blk_next, head_off + (n_next % BS) * D, shift,
                                     block_stride, base_addr, ELEM_BYTES)
-        if GROUP == 1:  # MHA: one query row, no tensor cores (a [1, D] x [D, N] product is a dot per key)
+        if GROUP_P2 == 1:  # MHA on CUDA cores: one query row (a [1, D] x [D, N] product is a dot per key)
             sc = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2
-        else:  # GQA: the group's rows (padded to 16) share each K/V tile
+        else:  # tensor cores: the group's rows (GQA), or MHA's one row (mha_dot), padded to 16 rows
             sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         sc = tl.where(nmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if GROUP == 1:
+        if GROUP_P2 == 1:
             pv = tl.sum(p.to(DTYPE).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         else:
             pv = tl.dot(p.to(DTYPE), v, input_precision=DOT_PREC)
@@ -353,7 +357,8 @@ def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: P
         q, out, part_o, part_lse, meta.context_lens, meta.block_tables, meta.block_tables.stride(0), addr.base,
         addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, scale * LOG2E, splits, H=heads,
         KVH=kvh, ELEM_BYTES=addr.elem_bytes,
-        GROUP=group, GROUP_P2=1 if group == 1 else max(16, triton.next_power_of_2(group)), D=d, BS=addr.block_size,
+        GROUP=group, GROUP_P2=1 if group == 1 and not tuning.mha_dot else max(16, triton.next_power_of_2(group)), D=d,
+        BS=addr.block_size,
         BLOCK_N=tuning.block_n, PREFETCH=tuning.prefetch, DTYPE=addr.dtype, DOT_PREC=dot_precision(q.dtype),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **opts)
     if splits > 1:

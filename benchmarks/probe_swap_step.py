@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Where a decode step replayed layer by layer loses time against the whole-step graph (issue #5, on a GPU).
+
+Steps with a layer swap queued or in flight replay one CUDA graph per decoder layer, with the swapper's hooks
+between the replays (:mod:`morphserve.engine.cuda_graphs`); on an H200 they measured 1.01-1.11x the whole-step
+graph without any swap.  This probe takes the same decode batch (sequences injected as prefilled to
+``--context``, all layers FP16) and times, in one process:
+
+* ``whole``: the map's whole-step graph (upload + one replay);
+* ``layerwise``: the per-layer graphs (upload + one replay per layer), as a swap step runs them;
+* ``composite``: one graph whose nodes are the per-layer graphs as child graphs, chained
+  (``cudaGraphAddChildGraphNode`` through the CUDA runtime, on graphs captured with ``keep_graph``): the same
+  kernels as ``layerwise``, launched once;
+* ``composite_events``: the same plus an external event-wait node before and an event-record node after every
+  layer (what a whole-step graph needs to take the swapper's per-layer wait and fence).
+
+For each: GPU time (CUDA events around the launch, median of ``--reps``), host time of the launch call, and
+(torch.profiler over ``--profile-steps`` launches) the kernel time per step and the kernel count.  Also the time
+to capture a whole-step graph for a new map (Python capture, warm-up included) and to build and instantiate a
+composite.  Writes JSON with provenance.
+
+    MORPHSERVE_DATA_MIRROR=... python3 benchmarks/probe_swap_step.py --models llama3-8b llama2-7b --batches 8 32 --out probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_fastpath import inject_decoding  # noqa: E402
+from morphserve.engine.config import EngineConfig  # noqa: E402
+from morphserve.engine.engine import LLMEngine  # noqa: E402
+from morphserve.memory.weight_arena import Precision  # noqa: E402
+from morphserve.model.config import architecture  # noqa: E402
+from morphserve.model.weight_source import SyntheticSource  # noqa: E402
+from morphserve.provenance import provenance  # noqa: E402
+
+
+def cudart() -> ctypes.CDLL:
+    """The CUDA runtime library this process (PyTorch) has loaded."""
+    torch.cuda.init()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        path = line.split()[-1]
+        if "libcudart.so" in path:
+            return ctypes.CDLL(path)
+    raise RuntimeError("libcudart is not loaded in this process")
+
+
+def check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{what} failed with CUDA error {rc}")
+
+
+class Composite:
+    """One executable graph chaining child graphs, optionally with an event wait before and a record after each."""
+
+    def __init__(self, rt: ctypes.CDLL, children: list[int], waits=None, records=None):
+        self.rt = rt
+        vp = ctypes.c_void_p
+        g = vp()
+        check(rt.cudaGraphCreate(ctypes.byref(g), ctypes.c_uint(0)), "cudaGraphCreate")
+        prev = None
+
+        def add(fn, *args):
+            nonlocal prev
+            node = vp()
+            deps = (vp * 1)(prev) if prev is not None else None
+            check(fn(ctypes.byref(node), g, deps, ctypes.c_size_t(1 if prev is not None else 0), *args), fn.__name__)
+            prev = node
+
+        for i, child in enumerate(children):
+            if waits is not None:
+                add(rt.cudaGraphAddEventWaitNode, vp(waits[i].cuda_event_ptr))
+            add(rt.cudaGraphAddChildGraphNode, vp(child))
+            if records is not None:
+                add(rt.cudaGraphAddEventRecordNode, vp(records[i].cuda_event_ptr))
+        self.graph = g
+        self.exec = vp()
+        check(rt.cudaGraphInstantiate(ctypes.byref(self.exec), g, ctypes.c_ulonglong(0)), "cudaGraphInstantiate")
+
+    def launch(self) -> None:
+        check(self.rt.cudaGraphLaunch(self.exec, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)),
+              "cudaGraphLaunch")
+
+    def close(self) -> None:
+        self.rt.cudaGraphExecDestroy(self.exec)
+        self.rt.cudaGraphDestroy(self.graph)
+
+
+class RawEvent:
+    """A plain CUDA event from the runtime (its handle is what a graph's event node takes)."""
+
+    def __init__(self, rt: ctypes.CDLL):
+        self.rt = rt
+        h = ctypes.c_void_p()
+        check(rt.cudaEventCreateWithFlags(ctypes.byref(h), ctypes.c_uint(2)), "cudaEventCreate")  # disable timing
+        self.cuda_event_ptr = h.value
+        check(rt.cudaEventRecord(h, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)), "cudaEventRecord")
+
+
+def timed(fn, reps: int) -> dict:
+    gpu, host = [], []
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        t = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t)
+        b.record()
+        b.synchronize()
+        gpu.append(a.elapsed_time(b) / 1e3)
+    return {"gpu_ms": 1e3 * statistics.median(gpu), "host_ms": 1e3 * statistics.median(host),
+            "gpu_ms_all": [1e3 * x for x in gpu]}
+
+
+def profiled(fn, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, float] = {}
+    for e in kern:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"kernel_us_per_step": sum(e.device_time for e in kern) / steps, "kernels_per_step": len(kern) / steps,
+            "top": [{"name": k[:90], "us_per_step": v / steps} for k, v in top]}
+
+
+def probe(name: str, batch: int, context: int, reps: int, profile_steps: int, rt: ctypes.CDLL) -> dict:
+    cfg = architecture(name)
+    engine = LLMEngine(EngineConfig(model=name, device="cuda", dtype="float16", max_num_seqs=max(batch, 8),
+                                    num_kv_blocks=batch * (-(-(context + 64) // 16)) + 16, seed=0),
+                       source=SyntheticSource(name, seed=0, config=cfg))
+    try:
+        inject_decoding(engine, batch, context, np.random.default_rng(0))
+        runner, graphs = engine.runner, engine.runner.graphs
+        seen = []
+        forward = runner.forward
+        runner.forward = lambda hb: seen.append(hb) or forward(hb)
+        engine.step()
+        runner.forward = forward
+        hb = seen[0]
+        b = graphs.bucket_for(batch)
+        out: dict = {"model": name, "batch": batch, "bucket": b, "context": context, "layers": cfg.num_layers}
+        graphs.graphs.clear()
+        t = time.perf_counter()
+        whole = graphs.capture(b)
+        whole.graph.instantiate()
+        torch.cuda.synchronize()
+        out["whole_capture_ms"] = 1e3 * (time.perf_counter() - t)
+        layer_graphs = [graphs.capture_layer(i, Precision.FP16, b) for i in range(cfg.num_layers)]
+
+        def run_whole():
+            graphs._upload(hb, b)
+            whole.graph.replay()
+
+        def run_layerwise():
+            graphs.run_layerwise(hb)
+
+        t = time.perf_counter()
+        comp = Composite(rt, [g.graph.raw_cuda_graph() for g in layer_graphs])
+        out["composite_build_ms"] = 1e3 * (time.perf_counter() - t)
+        waits = [RawEvent(rt) for _ in range(cfg.num_layers)]
+        records = [RawEvent(rt) for _ in range(cfg.num_layers)]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        comp_ev = Composite(rt, [g.graph.raw_cuda_graph() for g in layer_graphs], waits, records)
+        out["composite_events_build_ms"] = 1e3 * (time.perf_counter() - t)
+
+        def run_composite(c=comp):
+            graphs._upload(hb, b)
+            c.launch()
+
+        # the composite writes the logits of the last layer graph: check it against the whole-step graph
+        run_whole()
+        ref = whole.logits[:batch].clone()
+        run_composite()
+        torch.cuda.synchronize()
+        got = layer_graphs[-1].logits[:batch]
+        out["composite_max_abs_diff_vs_whole"] = (got - ref).abs().max().item()
+        modes = {"whole": run_whole, "layerwise": run_layerwise, "composite": run_composite,
+                 "composite_events": lambda: run_composite(comp_ev)}
+        for mode, fn in modes.items():
+            out[mode] = timed(fn, reps) | profiled(fn, profile_steps)
+        base = out["whole"]["gpu_ms"]
+        for mode in modes:
+            out[mode]["gpu_vs_whole"] = out[mode]["gpu_ms"] / base
+        print(f"{name} b{batch}: " + ", ".join(
+            f"{m} {out[m]['gpu_ms']:.3f} ms ({out[m]['gpu_vs_whole']:.3f}x, kernels {out[m]['kernel_us_per_step']:.0f} us"
+            f" x{out[m]['kernels_per_step']:.0f})" for m in modes)
+            + f"; capture {out['whole_capture_ms']:.1f} ms, composite build {out['composite_build_ms']:.1f} ms",
+            flush=True)
+        comp.close()
+        comp_ev.close()
+        return out
+    finally:
+        engine.close()
+        del engine
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["llama3-8b", "llama2-7b"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--source-commit", default=None, help="the commit of the tree (the box's git metadata is stale)")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    # the per-layer graphs must keep their cudaGraph_t (children of the composite)
+    plain = torch.cuda.CUDAGraph
+
+    class KeptGraph(plain):
+        def __new__(cls, keep_graph: bool = True):
+            return super().__new__(cls, keep_graph=True)
+
+    torch.cuda.CUDAGraph = KeptGraph
+    rt = cudart()
+    res = {"provenance": provenance({k: str(v) for k, v in vars(args).items()}, torch.device("cuda"), 0, True),
+           "runs": []}
+    if args.source_commit:
+        res["provenance"]["source_commit"] = args.source_commit
+    for name in args.models:
+        for batch in args.batches:
+            res["runs"].append(probe(name, batch, args.context, args.reps, args.profile_steps, rt))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
