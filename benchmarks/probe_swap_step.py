@@ -231,9 +231,12 @@ def main() -> int:
     # the per-layer graphs must keep their cudaGraph_t (children of the composite)
     plain = torch.cuda.CUDAGraph
 
-    class KeptGraph(plain):
+    class KeptGraph(plain):  # the C++ object takes keep_graph in __init__ (pybind), the wrapper in __new__
         def __new__(cls, keep_graph: bool = True):
             return super().__new__(cls, keep_graph=True)
+
+        def __init__(self, keep_graph: bool = True):
+            super().__init__(True)
 
     torch.cuda.CUDAGraph = KeptGraph
     rt = cudart()

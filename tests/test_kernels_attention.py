@@ -211,7 +211,7 @@ def test_metadata_and_helpers():
     assert decode_splits(1, 32, 132) == 16 and decode_splits(8, 32, 132) == 4 and decode_splits(32, 32, 132) == 1
     # GQA (group 4, 8 KV heads): 4 programs per SM, so batch 64 runs unsplit (measured 1.4x faster than 2 splits)
     assert decode_splits(64, 8, 132, group=4) == 1 and decode_splits(8, 8, 132, group=4) == 8
-    assert decode_tuning(1).prefetch is False and decode_tuning(4).prefetch is True
+    assert decode_tuning(1).mha_dot and decode_tuning(1).programs_per_sm == 8 and decode_tuning(4).programs_per_sm == 4
     # causal FLOPs: a 4-token prompt sees 1+2+3+4 keys; one decode row at context 10 sees 10
     assert attention_flops([4, 1], [4, 10], 2, 8) == 4.0 * (10 + 10) * 8 * 2
     with pytest.raises(ValueError, match="one query row per sequence"):

@@ -19,8 +19,8 @@ decode rows launches exactly the tiles it needs; an engine step uploads the map 
 tile stops at its last row's causal bound.
 
 **Decode** (every sequence has one query row).  The grid is (sequence, KV head, split): one program serves all the
-query heads of a KV head (GQA groups share each K/V tile; the group is padded to 16 rows for the tensor cores; with
-MHA the single query row is multiplied on the CUDA cores instead of being padded), and
+query heads of a KV head (GQA groups share each K/V tile; the group is padded to 16 rows for the tensor cores; MHA's
+single query row is padded the same way by default, :attr:`DecodeTuning.mha_dot`, or multiplied on the CUDA cores), and
 each sequence's context is cut into ``num_splits`` equal ranges rounded to ``BLOCK_N``.  With one split the kernel
 writes the output; otherwise each program writes its normalised partial output and log-sum-exp, and
 :func:`_decode_reduce_kernel` merges them.  ``num_splits`` depends only on the batch shape (never on the context
@@ -65,12 +65,13 @@ class DecodeTuning:
     mha_dot: bool = False
 
 
-# Chosen by measurement (benchmarks/tune_decode_attention.py on an H200, 2026-12-02; BENCHMARKS.md, fast path,
-# "Second campaign").  MHA (one query row per program, CUDA cores): 32-key tiles were best at every batch (the old
-# 64-key default was 1.1-1.27x slower), with about 8 programs per SM.  GQA (the group's rows on tensor cores):
-# 32-key tiles, 3 stages and the address prefetch, with fewer programs (4 per SM: at batch 64, 2 splits were 1.4x
-# slower than 1).
-DECODE_TUNING = DecodeTuning()
+# Chosen by measurement (benchmarks/tune_decode_attention.py on an H200; BENCHMARKS.md, fast path).  MHA: the query
+# row padded to 16 rows on tensor cores (mha_dot), 32-key tiles, 3 stages, address prefetch, about 8 programs per SM:
+# 1.2-1.8x faster than the best CUDA-core launch at batch 1-128 and within 1% of each setting's best by geometric
+# mean (2026-12-02, fourth campaign; batch 64 at 0.96 of the copy rate, against 0.53 on the CUDA cores).  GQA (the
+# group's rows on tensor cores): 32-key tiles, 3 stages and the address prefetch, with fewer programs (4 per SM: at
+# batch 64, 2 splits were 1.4x slower than 1; second campaign).
+DECODE_TUNING = DecodeTuning(num_stages=3, prefetch=True, mha_dot=True)
 DECODE_TUNING_GQA = DecodeTuning(num_stages=3, prefetch=True, programs_per_sm=4)
 
 
