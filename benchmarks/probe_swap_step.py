@@ -14,8 +14,15 @@ graph without any swap.  This probe takes the same decode batch (sequences injec
 * ``composite_events``: the same plus an external event-wait node before and an event-record node after every
   layer (what a whole-step graph needs to take the swapper's per-layer wait and fence).
 
-For each: GPU time (CUDA events around the launch, median of ``--reps``), host time of the launch call, and
-(torch.profiler over ``--profile-steps`` launches) the kernel time per step and the kernel count.  Also the time
+* ``copy_before``: ``whole`` with a bare ``--copy-mib`` host-to-device copy (pinned source) enqueued on a side
+  stream just before the step, so it is in flight while the step's metadata upload (a kernel reading pinned host
+  memory over the bus) and the whole step run;
+* ``copy_after_upload``: the same copy, ordered after the step's upload kernel (an event between the upload and
+  the replay): it overlaps the step's kernels but not its upload.
+
+For each: GPU time (CUDA events around the launch, median of ``--reps``; every stream synchronised before each
+repetition), host time of the launch call, and (torch.profiler over ``--profile-steps`` launches) the kernel time
+per step, the kernel count and the upload kernel's time.  Also the time
 to capture a whole-step graph for a new map (Python capture, warm-up included) and to build and instantiate a
 composite.  Writes JSON with provenance.
 
@@ -115,6 +122,7 @@ def timed(fn, reps: int) -> dict:
         fn()
     torch.cuda.synchronize()
     for _ in range(reps):
+        torch.cuda.synchronize()  # no copy of an earlier repetition still in flight
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         t = time.perf_counter()
@@ -135,17 +143,21 @@ def profiled(fn, steps: int) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
-        torch.cuda.synchronize()
-    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            torch.cuda.synchronize()
+    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not e.name.startswith("Memcpy HtoD")]  # the bare copies of the interference modes
     by_name: dict[str, float] = {}
     for e in kern:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    upload = [e.device_time for e in kern if "_upload_kernel" in e.name]
     return {"kernel_us_per_step": sum(e.device_time for e in kern) / steps, "kernels_per_step": len(kern) / steps,
+            "upload_kernel_us": upload,
             "top": [{"name": k[:90], "us_per_step": v / steps} for k, v in top]}
 
 
-def probe(name: str, batch: int, context: int, reps: int, profile_steps: int, rt: ctypes.CDLL) -> dict:
+def probe(name: str, batch: int, context: int, reps: int, profile_steps: int, rt: ctypes.CDLL,
+          copy_mib: int) -> dict:
     cfg = architecture(name)
     engine = LLMEngine(EngineConfig(model=name, device="cuda", dtype="float16", max_num_seqs=max(batch, 8),
                                     num_kv_blocks=batch * (-(-(context + 64) // 16)) + 16, seed=0),
@@ -197,8 +209,27 @@ def probe(name: str, batch: int, context: int, reps: int, profile_steps: int, rt
         torch.cuda.synchronize()
         got = layer_graphs[-1].logits[:batch]
         out["composite_max_abs_diff_vs_whole"] = (got - ref).abs().max().item()
+        scratch = torch.empty(copy_mib << 20, dtype=torch.uint8, device="cuda")
+        host = torch.empty(copy_mib << 20, dtype=torch.uint8, pin_memory=True)
+        side = torch.cuda.Stream()
+
+        def run_copy_before():
+            with torch.cuda.stream(side):
+                scratch.copy_(host, non_blocking=True)
+            run_whole()
+
+        def run_copy_after_upload():
+            graphs._upload(hb, b)
+            uploaded = torch.cuda.Event()
+            uploaded.record()
+            side.wait_event(uploaded)
+            with torch.cuda.stream(side):
+                scratch.copy_(host, non_blocking=True)
+            whole.graph.replay()
+
         modes = {"whole": run_whole, "layerwise": run_layerwise, "composite": run_composite,
-                 "composite_events": lambda: run_composite(comp_ev)}
+                 "composite_events": lambda: run_composite(comp_ev), "copy_before": run_copy_before,
+                 "copy_after_upload": run_copy_after_upload}
         for mode, fn in modes.items():
             out[mode] = timed(fn, reps) | profiled(fn, profile_steps)
         base = out["whole"]["gpu_ms"]
@@ -207,8 +238,9 @@ def probe(name: str, batch: int, context: int, reps: int, profile_steps: int, rt
         print(f"{name} b{batch}: " + ", ".join(
             f"{m} {out[m]['gpu_ms']:.3f} ms ({out[m]['gpu_vs_whole']:.3f}x, kernels {out[m]['kernel_us_per_step']:.0f} us"
             f" x{out[m]['kernels_per_step']:.0f})" for m in modes)
-            + f"; capture {out['whole_capture_ms']:.1f} ms, composite build {out['composite_build_ms']:.1f} ms",
-            flush=True)
+            + f"; capture {out['whole_capture_ms']:.1f} ms, composite build {out['composite_build_ms']:.1f} ms"
+            + "; upload kernel us: " + ", ".join(f"{m} {statistics.median(out[m]['upload_kernel_us'] or [0]):.1f}"
+                                                 for m in modes), flush=True)
         comp.close()
         comp_ev.close()
         return out
@@ -225,6 +257,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--copy-mib", type=int, default=256, help="size of the bare copy of the interference modes")
     ap.add_argument("--source-commit", default=None, help="the commit of the tree (the box's git metadata is stale)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -246,7 +279,8 @@ def main() -> int:
         res["provenance"]["source_commit"] = args.source_commit
     for name in args.models:
         for batch in args.batches:
-            res["runs"].append(probe(name, batch, args.context, args.reps, args.profile_steps, rt))
+            res["runs"].append(probe(name, batch, args.context, args.reps, args.profile_steps, rt,
+                                     args.copy_mib))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(res, indent=1))
     return 0
