@@ -152,7 +152,8 @@ def test_swapping_every_step_with_graphs_equals_eager(wide, composites):
     assert len({tuple(m) for m in maps}) > 8 and resizer.migrated_total > 0
     g = engine.runner.graphs
     if composites:
-        assert g.num_composite_steps > 10 and g.composite_error is None, (g.num_composite_steps, g.composite_error)
+        # composites are built on a worker thread and used once ready (else the step goes layer by layer)
+        assert g.num_composite_steps >= 5 and g.composite_error is None, (g.num_composite_steps, g.composite_error)
     else:
         assert g.num_layerwise_steps > 10 and g.num_composite_steps == 0, "swap steps did not replay layer graphs"
 

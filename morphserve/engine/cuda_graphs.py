@@ -48,9 +48,11 @@ morphing run does not pay a whole-model capture for every transient map.
 costs 1.03-1.11x a whole-step graph at batch 8-32 (H200).  So the per-layer graphs are kept as ``cudaGraph_t`` and
 chained into one executable graph per *plan* (:mod:`morphserve.engine.graph_composite`): the precision of every
 layer plus the swapper's event waits (before a layer whose copy must land) and records (after a layer whose copy
-may start), as :meth:`~morphserve.memory.layer_swapper.LayerSwapper.graph_plan` states them.  Building one costs
-a few milliseconds of host time, so it is done for the *next* step right after a step is launched
-(:meth:`DecodeGraphs.prebuild`, overlapping the GPU's work), from the swapper's state after it issued its copies.
+may start), as :meth:`~morphserve.memory.layer_swapper.LayerSwapper.graph_plan` states them (the swapper keeps one
+fence and one ready event per layer, so a composite serves every later swap with the same plan).  Building one
+costs a few milliseconds of host time (mostly ``cudaGraphInstantiate``), so it is requested for the *next* step
+right after a step is launched (:meth:`DecodeGraphs.prebuild`, from the swapper's state after it issued its copies)
+and built on a worker thread (the runtime call releases the GIL); a step uses it only once it is ready.
 A step whose exact plan has no composite uses one that carries the same waits and a subset of the records (a
 queued swap whose fence is not recorded goes stale and is issued after a later step); without one it replays the
 per-layer graphs with the hooks between them.
@@ -63,6 +65,7 @@ they are valid until the next replay of that graph (the engine samples them befo
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +159,8 @@ class DecodeGraphs:
         self.num_composite_steps = 0
         self.composite_error: str | None = None  # why composites were turned off, if they were
         self._last_bucket: int | None = None
+        self._building: dict[tuple, Future] = {}
+        self._builder: ThreadPoolExecutor | None = None
 
     # ---- layout ---------------------------------------------------------------------------------------------
     def bucket_for(self, num_seqs: int) -> int | None:
@@ -322,9 +327,35 @@ class DecodeGraphs:
         want, waits, records = plan
         return (b, tuple(want), tuple((i, id(e)) for i, e in waits), tuple((i, id(e)) for i, e in records))
 
+    def _disable_composites(self, e: BaseException) -> None:
+        import warnings
+
+        self.use_composites = False
+        self.composite_error = f"{type(e).__name__}: {e}"
+        warnings.warn(f"composite decode graphs turned off ({self.composite_error}); swap steps replay per-layer "
+                      f"graphs", RuntimeWarning, stacklevel=3)
+
+    def _add_composite(self, key: tuple, c: Composite) -> None:
+        self.composites[key] = c
+        self.num_composite_builds += 1
+        while len(self.composites) > self.max_composites:
+            torch.cuda.current_stream().synchronize()  # no launch of the evicted one may still be pending
+            self.composites.popitem(last=False)[1].close()
+
+    def _harvest(self) -> None:
+        """Take the composites the worker has finished building."""
+        for key, fut in list(self._building.items()):
+            if fut.done():
+                del self._building[key]
+                try:
+                    self._add_composite(key, fut.result())
+                except Exception as e:  # noqa: BLE001 - a runtime without the graph API: fall back, say why
+                    self._disable_composites(e)
+
     def _composite_for(self, b: int, plan: tuple) -> tuple[Composite | None, tuple]:
         """The composite serving ``plan`` on bucket ``b``: the exact one, else one with the same precisions and
         waits and a subset of the records (the largest); returns it and the records it carries."""
+        self._harvest()
         key = self._plan_key(b, plan)
         c = self.composites.get(key)
         if c is not None:
@@ -337,27 +368,38 @@ class DecodeGraphs:
                 best, best_records = c, tuple((i, e) for i, e in plan[2] if (i, id(e)) in set(k[3]))
         return best, best_records
 
+    def _submit(self, b: int, plan: tuple) -> tuple[tuple, Future | None]:
+        """Start building ``plan``'s composite on the worker thread (the layer graphs it needs are captured here
+        first, on this thread); returns its key and future (None when it exists already)."""
+        key = self._plan_key(b, plan)
+        if key in self.composites:
+            return key, None
+        fut = self._building.get(key)
+        if fut is None:
+            want, waits, records = plan
+            layers = [self.capture_layer(i, p, b) for i, p in enumerate(want)]
+            if self._builder is None:
+                device = self.model.device.index if self.model.device.index is not None else \
+                    torch.cuda.current_device()
+                self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="composite-graphs",
+                                                   initializer=torch.cuda.set_device, initargs=(device,))
+            children = [g.graph.raw_cuda_graph() for g in layers]
+            fut = self._building[key] = self._builder.submit(Composite, children, waits, records, layers)
+        return key, fut
+
     def build_composite(self, b: int, plan: tuple) -> Composite:
         """The composite of ``plan`` (precisions, waits, records; see the module docstring) on bucket ``b``,
-        capturing any layer graph it needs first."""
-        key = self._plan_key(b, plan)
-        c = self.composites.get(key)
-        if c is not None:
-            return c
-        want, waits, records = plan
-        layers = [self.capture_layer(i, p, b) for i, p in enumerate(want)]
-        c = Composite([g.graph.raw_cuda_graph() for g in layers], waits, records, keep=layers)
-        self.composites[key] = c
-        self.num_composite_builds += 1
-        while len(self.composites) > self.max_composites:
-            torch.cuda.current_stream().synchronize()  # no launch of the evicted one may still be pending
-            self.composites.popitem(last=False)[1].close()
-        return c
+        capturing any layer graph it needs first; waits for it to be built."""
+        key, fut = self._submit(b, plan)
+        if fut is not None:
+            fut.result()
+            self._harvest()
+        return self.composites[key]
 
     def prebuild(self, hooks: "LayerHooks | None") -> None:
-        """After a step was launched: build the composite the next step will need (the swapper's plan after it
-        issued and retired its copies; without swaps, the current map when its whole-step graph is not captured),
-        so its host cost overlaps the GPU's work.  A failure turns composites off (steps replay layer graphs)."""
+        """After a step was launched: start building the composite the next step will need (the swapper's plan
+        after it issued and retired its copies; without swaps, the current map when its whole-step graph is not
+        captured) on the worker thread.  A failure turns composites off (steps replay layer graphs)."""
         b = self._last_bucket
         if not self.use_composites or b is None:
             return
@@ -375,14 +417,9 @@ class DecodeGraphs:
             if per_map is not None and b in per_map:
                 return
         try:
-            self.build_composite(b, plan)
+            self._submit(b, plan)
         except Exception as e:  # noqa: BLE001 - a runtime without the graph API: fall back, and say why
-            self.use_composites = False
-            self.composite_error = f"{type(e).__name__}: {e}"
-            import warnings
-
-            warnings.warn(f"composite decode graphs turned off ({self.composite_error}); swap steps replay "
-                          f"per-layer graphs", RuntimeWarning, stacklevel=2)
+            self._disable_composites(e)
 
     def _run_planned(self, hb: "HostBatch", b: int, hooks: "LayerHooks | None") -> torch.Tensor | None:
         """Launch the step as one graph serving the hooks' plan (a composite, or the map's whole-step graph when
@@ -421,6 +458,9 @@ class DecodeGraphs:
 
     def clear(self) -> None:
         """Drop every captured graph (they are recaptured on demand, e.g. after kernels' launch options changed)."""
+        for fut in self._building.values():
+            fut.exception()  # wait for it (its outcome is dropped with it)
+        self._building.clear()
         if self.composites:
             torch.cuda.current_stream().synchronize()
         for c in self.composites.values():

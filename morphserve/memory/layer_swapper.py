@@ -99,6 +99,10 @@ class LayerSwapper:
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self.time_copies = time_copies and self.copy_stream is not None
         self.swaps: dict[int, Swap] = {}  # at most one queued or in-flight swap per layer
+        # one fence and one ready event per layer, reused by every swap of that layer (a layer has at most one swap
+        # at a time): graphs built with these events in their nodes serve every later swap of the same layer
+        self._fences: dict[int, torch.cuda.Event] = {}
+        self._readies: dict[int, torch.cuda.Event] = {}
         self.completed: list[Swap] = []
         self.bytes_copied = 0
 
@@ -134,7 +138,7 @@ class LayerSwapper:
         nbytes = layout_for(dst, cfg, dtype).nbytes
         swap = Swap(layer, src, dst, nbytes, grows=nbytes > layout_for(src, cfg, dtype).nbytes)
         if self.copy_stream is not None:
-            swap.fence = torch.cuda.Event()
+            swap.fence = self._fences.setdefault(layer, torch.cuda.Event())
             swap.fence.record(torch.cuda.current_stream(self.device))
             if swap.grows:
                 self._copy_tail(swap)
@@ -265,7 +269,7 @@ class LayerSwapper:
                     chunked_copy(slot[:n], buf[:n])
                     if self.time_copies:
                         s.copy_events[1].record(self.copy_stream)
-                    s.ready = torch.cuda.Event()
+                    s.ready = self._readies.setdefault(s.layer, torch.cuda.Event())
                     s.ready.record(self.copy_stream)
                 s.state = SwapState.COPYING
             self.bytes_copied += buf.numel()
