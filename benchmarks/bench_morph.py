@@ -300,10 +300,14 @@ def segment_ops(engine, staged, layer: int) -> dict:
     assert all(b >> engine.pool.shift == 1 + 2 * layer for b in tables[0])
     rs.begin_release(layer, P.FP16)
     torch.cuda.synchronize()
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t = time.perf_counter()
+    ev0.record()
     moved = rs.migrate(rs.regions_of(layer)[0])
+    ev1.record()
     torch.cuda.synchronize()
     migrate_s = time.perf_counter() - t
+    migrate_device_ms = ev0.elapsed_time(ev1)
     t = time.perf_counter()
     detached = rs.try_finish_release(layer)
     detach_ms = 1e3 * (time.perf_counter() - t)
@@ -311,7 +315,8 @@ def segment_ops(engine, staged, layer: int) -> dict:
     _land(sw, layer, P.FP16)
     return {"layer": layer, "blocks_attached": added, "attach_ms": attach_ms, "detach_ms": detach_ms,
             "detached": detached, "migrated_blocks": moved, "block_bytes": engine.pool.block_bytes,
-            "migration_ms_per_block": 1e3 * migrate_s / max(moved, 1)}
+            "migration_ms_per_block": 1e3 * migrate_s / max(moved, 1),
+            "migration_device_ms_per_block": migrate_device_ms / max(moved, 1)}
 
 
 def kv_capacity(model: str) -> list[dict]:
@@ -390,7 +395,8 @@ def markdown(res: dict) -> str:
                              f"{max(x['max_vs_maps'] for x in xs):.3f}x |")
         s = m["segment"]
         lines += ["", f"Segment of layer {s['layer']}: {s['blocks_attached']} blocks; attach {s['attach_ms']:.3f} ms, "
-                      f"detach {s['detach_ms']:.3f} ms (host time); migration {s['migration_ms_per_block']:.3f} ms per "
+                      f"detach {s['detach_ms']:.3f} ms (host time); migration {s['migration_ms_per_block']:.3f} ms "
+                      f"(device time {s.get('migration_device_ms_per_block', float('nan')):.3f} ms) per "
                       f"{s['block_bytes'] / 2**20:.0f} MiB block ({s['migrated_blocks']} blocks)", ""]
         caps = m["kv_capacity_24GB"]
         pick = [c for c in caps if c["w4_layers"] in (0, 4, 8, 16, 24, len(caps) - 1)]
