@@ -120,9 +120,8 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     returns once the step's sampled tokens are on the host (the copy stream is never synchronised, so a copy
     overlaps the steps as in serving).  Four settings on the same requests: no swap with the whole-step graph, no
     swap replaying the per-layer graphs, no swap eager, and one FP16<->W4 swap of a staged layer requested before
-    every step (its copy overlaps that step and the next; such steps replay composite graphs carrying the
-    swapper's event waits and records, built after the previous step's launch, or the per-layer graphs with the
-    hooks between them).  The per-layer graphs the swaps need are captured before timing."""
+    every step (its copy overlaps that step and the next; such steps replay the per-layer graphs with the
+    swapper's hooks between them).  The graphs the swaps need are captured before timing."""
     sw = LayerSwapper(engine.model.arena, staged, engine.device)
     params = SamplingParams(max_tokens=20 * steps + 64, ignore_eos=True)  # no request finishes during the run
     prompt = list(range(100, 100 + context))
@@ -173,7 +172,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
 
     runner.after_launch = issue_and_poll
     cycle = [(layers[k % len(layers)], P.W4 if (k // len(layers)) % 2 == 0 else P.FP16) for k in range(steps + 2)]
-    layerwise0, composite0 = graphs.num_layerwise_steps, graphs.num_composite_steps
+    layerwise0 = graphs.num_layerwise_steps
 
     def swap_each_step(k):
         layer, dst = cycle[k]
@@ -186,7 +185,6 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     swap_device = runner.timing.device_forward[2:]
     runner.timing = None
     swap_layerwise = graphs.num_layerwise_steps - layerwise0
-    swap_composite = graphs.num_composite_steps - composite0
     while sw.active():  # let the last swaps land
         engine.step()
     # one swap at a time: every step from its request until it has landed (tail, head, switch), per transition.
@@ -266,9 +264,6 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
             "ratio_layerwise_vs_graph": med(base_layerwise) / med(base_graph),
             "ratio_vs_eager": med(swapping) / med(base_eager),
             "swap_steps_layerwise": swap_layerwise,
-            "swap_steps_composite": swap_composite,
-            "composite_builds": graphs.num_composite_builds,
-            "composite_error": graphs.composite_error,
             "single_swaps": single,
             "swapping_device_ms": [1e3 * x for x in swap_device],
             "no_swap_graph_device_ms": 1e3 * med(base_device),
@@ -365,11 +360,6 @@ def markdown(res: dict) -> str:
                          f"({d['swapping_mean_ms']:.2f}, {d['swapping_max_ms']:.2f}) | {d['ratio_vs_graph']:.3f}x, "
                          f"{d['ratio_mean_vs_graph']:.3f}x | {d['ratio_vs_layerwise']:.3f}x | "
                          f"{d['ratio_layerwise_vs_graph']:.3f}x |")
-        lines += [""] + [f"Batch {d['batch']}, swap every step: {d.get('swap_steps_composite', 0)} steps replayed a "
-                         f"composite graph, {d['swap_steps_layerwise']} the per-layer graphs one by one "
-                         f"({d.get('composite_builds', 0)} composites built"
-                         + (f"; composites off: {d['composite_error']}" if d.get("composite_error") else "") + ")."
-                         for d in m["decode_during_swaps"]]
         lines += ["", "| batch | no swap, graph: wall / device (ms) | bare layer-sized H2D copy in flight each step: "
                       "wall / device (ms) | ratio | the same copy in 16 MiB pieces: wall / device (ms) | ratio |",
                   "|---|---|---|---|---|---|"]

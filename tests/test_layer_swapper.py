@@ -108,27 +108,3 @@ def test_queue_semantics(setup):
     swapper.before_layer(1)
     swapper.poll()
     _swap(swapper, 2, P.FP16)
-
-
-def test_graph_plan_and_stale_fences(setup):
-    """The protocol a graph-replayed step follows instead of the per-layer hooks: the plan names the precisions,
-    the copies to wait for and the fences to record; a step that read a queued swap's layer without recording its
-    fence leaves it stale, and the swap is not issued until a step records it again (a copy must never overwrite
-    bytes a launched step may still read)."""
-    engine, staged = setup
-    swapper = LayerSwapper(engine.model.arena, staged, "cpu")
-    n = engine.model.cfg.num_layers
-    precisions, waits, records = swapper.graph_plan()
-    assert precisions == tuple(P.FP16 for _ in range(n)) and waits == () and records == ()
-    s = swapper.request(1, P.W4)
-    swapper.graph_step(frozenset(), frozenset())  # a whole-step graph without the record ran
-    assert s.stale and swapper.issue() == [] and s.state is SwapState.QUEUED
-    swapper.graph_step(frozenset(), frozenset({1}))  # a graph that recorded layer 1's fence
-    assert not s.stale and swapper.issue() == [s]
-    swapper.before_layer(1)
-    assert [x.layer for x in swapper.poll()] == [1]
-    with pytest.raises(RuntimeError, match="layer 1: the graph waited for a copy that was not pending"):
-        swapper.swaps[1] = s
-        swapper.graph_step(frozenset({1}), frozenset())
-    del swapper.swaps[1]
-    _swap(swapper, 1, P.FP16)

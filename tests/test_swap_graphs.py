@@ -75,50 +75,9 @@ def test_layerwise_graphs_equal_the_whole_step_graph(wide):
     assert g.num_layer_captures == engine.model_config.num_layers + 1
 
 
-def test_composite_graph_equals_the_whole_step_graph_and_carries_the_swap_events(wide):
-    """A composite of the per-layer graphs gives the whole-step graph's logits bit for bit; one with the swapper's
-    event nodes (record after the layer of a queued swap, wait before the layer of an issued one) lands the swap:
-    the fence is recorded in the step, the copy waits for it, and the next step switches the layer and equals
-    eager execution of the new map."""
-    engine, swapper, _ = _engine(wide, 64, graphs=True)
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    for p in PARITY_PROMPTS[:3]:
-        engine.add_request(p, params)
-    for _ in range(6):
-        engine.step()
-    g = engine.runner.graphs
-    hb = _decode_chunks(engine)
-    b = g.bucket_for(hb.num_seqs)
-    whole = g.run(hb).clone()
-    c = g.build_composite(b, (g.precision_key(), (), ()))
-    g._upload(hb, b)
-    c.launch()
-    n = engine.model_config.num_layers
-    torch.testing.assert_close(g.layer_graphs[(n - 1, P.FP16, b)].logits[:hb.num_seqs], whole, rtol=0, atol=0)
-    s = swapper.request(2, P.W4)
-    plan = swapper.graph_plan()
-    assert plan[1] == () and [i for i, _ in plan[2]] == [2]
-    g.build_composite(b, plan)
-    g.run(hb, swapper)  # the composite with the record after layer 2
-    assert not s.stale and g.num_composite_steps == 1 and g.num_layerwise_steps == 0
-    assert swapper.issue() == [s]
-    plan = swapper.graph_plan()
-    assert [i for i, _ in plan[1]] == [2] and plan[0][2] == P.W4
-    g.build_composite(b, plan)
-    got = g.run(hb, swapper).clone()  # waits for the copy before layer 2, then runs it at W4
-    assert s.switched and engine.model.arena.layers[2].precision == P.W4 and g.num_layerwise_steps == 0
-    swapper.synchronize()
-    swapper.poll()
-    runner = engine.runner
-    eager = runner.model.forward(runner.upload(hb), runner.pool, runner.kernels)
-    torch.testing.assert_close(got, eager, rtol=0, atol=0)
-
-
 def _serve(engine, morpher, swapper, prompts, params, shake):
-    """Serve with the swapper's hooks in the step and the morpher's issue after each launch (as the engine installs
-    them), recording each step's precisions."""
+    """Serve with the swapper's hooks in the step (as the engine installs them), recording each step's precisions."""
     engine.runner.hooks = swapper
-    engine.runner.after_launch = morpher.after_step
     ids = [engine.add_request(p, params) for p in prompts]
     outs, maps, step = {}, [], 0
     while engine.has_unfinished():
@@ -127,19 +86,18 @@ def _serve(engine, morpher, swapper, prompts, params, shake):
         maps.append([swapper.step_precision(i) for i in range(engine.model_config.num_layers)])
         for o in engine.step():
             outs[o.request_id] = o
+        morpher.after_step()
         step += 1
     swapper.synchronize()
     return [outs[i] for i in ids], maps
 
 
-@pytest.mark.parametrize("composites", [True, False])
-def test_swapping_every_step_with_graphs_equals_eager(wide, composites):
-    """Random targets every step, migrations included (extension-first allocation): the graph run (composite
-    graphs with the swapper's events, or per-layer graphs, while swaps are in flight) gives the tokens of an eager
-    engine that lands the same per-step precision schedule synchronously and never resizes."""
+def test_swapping_every_step_with_graphs_equals_eager(wide):
+    """Random targets every step, migrations included (extension-first allocation): the graph run (per-layer
+    graphs while swaps are in flight) gives the tokens of an eager engine that lands the same per-step precision
+    schedule synchronously and never resizes."""
     n = 4
     engine, swapper, resizer = _engine(wide, 300, graphs=True, extension_first=True)
-    engine.runner.graphs.use_composites = composites
     morpher = Morpher(engine, swapper, resizer, static_map=[P.FP16] * n)
     rng = random.Random(3)
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
@@ -151,11 +109,7 @@ def test_swapping_every_step_with_graphs_equals_eager(wide, composites):
     assert all(len(o.output_token_ids) == 30 for o in out)
     assert len({tuple(m) for m in maps}) > 8 and resizer.migrated_total > 0
     g = engine.runner.graphs
-    if composites:
-        # composites are built on a worker thread and used once ready (else the step goes layer by layer)
-        assert g.num_composite_steps >= 5 and g.composite_error is None, (g.num_composite_steps, g.composite_error)
-    else:
-        assert g.num_layerwise_steps > 10 and g.num_composite_steps == 0, "swap steps did not replay layer graphs"
+    assert g.num_layerwise_steps > 10, "swap steps did not replay per-layer graphs"
 
     ref, ref_swapper, _ = _engine(wide, 300, graphs=False)
     steps = iter(maps)

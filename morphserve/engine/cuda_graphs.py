@@ -44,19 +44,6 @@ current map when it exists; a map is captured whole only after it has been stead
 :attr:`DecodeGraphs.full_capture_after` decode steps (until then its steps replay the per-layer graphs), so a
 morphing run does not pay a whole-model capture for every transient map.
 
-**Composite graphs (steps with swaps, and maps not yet captured whole).**  Replaying 32 layer graphs one by one
-costs 1.03-1.11x a whole-step graph at batch 8-32 (H200).  So the per-layer graphs are kept as ``cudaGraph_t`` and
-chained into one executable graph per *plan* (:mod:`morphserve.engine.graph_composite`): the precision of every
-layer plus the swapper's event waits (before a layer whose copy must land) and records (after a layer whose copy
-may start), as :meth:`~morphserve.memory.layer_swapper.LayerSwapper.graph_plan` states them (the swapper keeps one
-fence and one ready event per layer, so a composite serves every later swap with the same plan).  Building one
-costs a few milliseconds of host time (mostly ``cudaGraphInstantiate``), so it is requested for the *next* step
-right after a step is launched (:meth:`DecodeGraphs.prebuild`, from the swapper's state after it issued its copies)
-and built on a worker thread (the runtime call releases the GIL); a step uses it only once it is ready.
-A step whose exact plan has no composite uses one that carries the same waits and a subset of the records (a
-queued swap whose fence is not recorded goes stale and is issued after a later step); without one it replays the
-per-layer graphs with the hooks between them.
-
 All graphs share one memory pool; they are never replayed concurrently and each keeps its own output tensor, so
 their intermediates may alias each other safely.  The logits a replay returns are a view of the graph's output:
 they are valid until the next replay of that graph (the engine samples them before the next step).
@@ -65,14 +52,12 @@ they are valid until the next replay of that graph (the engine samples them befo
 from __future__ import annotations
 
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from morphserve.engine.graph_composite import Composite
 from morphserve.memory.kv_pool import KVPool
 from morphserve.model.kernel_set import KernelSet
 from morphserve.model.llama import ForwardBatch, LlamaModel
@@ -113,10 +98,9 @@ def graph_buckets(max_num_seqs: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS)
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, pool: KVPool, kernels: KernelSet, max_num_seqs: int,
                  max_blocks_per_seq: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, max_maps: int = 4,
-                 full_capture_after: int = 0, composites: bool = True, max_composites: int = 16):
+                 full_capture_after: int = 0):
         """``full_capture_after``: decode steps a precision map must be steady before its whole-step graph is
-        captured (0: at once; a morphing system raises it, see the module docstring).  ``composites``: chain the
-        per-layer graphs into composite graphs (off: steps with swaps replay the layer graphs one by one)."""
+        captured (0: at once; a morphing system raises it, see the module docstring)."""
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, got device {model.device}")
         if kernels.name != "triton":
@@ -152,15 +136,6 @@ class DecodeGraphs:
         self._steady_steps = 0
         self.num_layer_captures = 0
         self.num_layerwise_steps = 0
-        self.use_composites = composites
-        self.max_composites = max_composites
-        self.composites: OrderedDict[tuple, Composite] = OrderedDict()
-        self.num_composite_builds = 0
-        self.num_composite_steps = 0
-        self.composite_error: str | None = None  # why composites were turned off, if they were
-        self._last_bucket: int | None = None
-        self._building: dict[tuple, Future] = {}
-        self._builder: ThreadPoolExecutor | None = None
 
     # ---- layout ---------------------------------------------------------------------------------------------
     def bucket_for(self, num_seqs: int) -> int | None:
@@ -226,10 +201,9 @@ class DecodeGraphs:
         self.num_captures += 1
         return per_map[b]
 
-    def _capture_fn(self, fn, keep: bool = False) -> tuple[torch.cuda.CUDAGraph, Any]:
+    def _capture_fn(self, fn) -> tuple[torch.cuda.CUDAGraph, Any]:
         """Warm ``fn`` up outside a capture (compiles the Triton kernels and initialises cuBLAS for these shapes),
-        then capture it into the shared pool; returns the graph (instantiated; with ``keep`` its ``cudaGraph_t``
-        is kept too, for composites) and ``fn``'s output."""
+        then capture it into the shared pool; returns the graph and ``fn``'s output."""
         if not any(self.graphs.values()) and not self.layer_graphs:
             # PyTorch frees a private graph pool once no graph uses it; capturing into a freed pool's handle fails
             self.mempool = torch.cuda.graph_pool_handle()
@@ -238,11 +212,9 @@ class DecodeGraphs:
         with torch.cuda.stream(side):
             fn()
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph(keep_graph=True) if keep else torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool, capture_error_mode="thread_local"):
             out = fn()
-        if keep:
-            graph.instantiate()  # now, not lazily at the first replay inside a step
         return graph, out
 
     # ---- per-layer graphs -----------------------------------------------------------------------------------
@@ -289,7 +261,7 @@ class DecodeGraphs:
         try:
             if saved.precision != precision:
                 arena.set_precision(i, precision)
-            graph, logits = self._capture_fn(lambda: self._layer_step(i, st), keep=self.use_composites)
+            graph, logits = self._capture_fn(lambda: self._layer_step(i, st))
         finally:
             arena.layers[i] = saved
         g = self.layer_graphs[key] = _Graph(graph, logits)
@@ -321,151 +293,8 @@ class DecodeGraphs:
         self.num_layerwise_steps += 1
         return graphs[-1].logits[:s]
 
-    # ---- composite graphs -------------------------------------------------------------------------------------
-    @staticmethod
-    def _plan_key(b: int, plan: tuple) -> tuple:
-        want, waits, records = plan
-        return (b, tuple(want), tuple((i, id(e)) for i, e in waits), tuple((i, id(e)) for i, e in records))
-
-    def _disable_composites(self, e: BaseException) -> None:
-        import warnings
-
-        self.use_composites = False
-        self.composite_error = f"{type(e).__name__}: {e}"
-        warnings.warn(f"composite decode graphs turned off ({self.composite_error}); swap steps replay per-layer "
-                      f"graphs", RuntimeWarning, stacklevel=3)
-
-    def _add_composite(self, key: tuple, c: Composite) -> None:
-        self.composites[key] = c
-        self.num_composite_builds += 1
-        while len(self.composites) > self.max_composites:
-            torch.cuda.current_stream().synchronize()  # no launch of the evicted one may still be pending
-            self.composites.popitem(last=False)[1].close()
-
-    def _harvest(self) -> None:
-        """Take the composites the worker has finished building."""
-        for key, fut in list(self._building.items()):
-            if fut.done():
-                del self._building[key]
-                try:
-                    self._add_composite(key, fut.result())
-                except Exception as e:  # noqa: BLE001 - a runtime without the graph API: fall back, say why
-                    self._disable_composites(e)
-
-    def _composite_for(self, b: int, plan: tuple) -> tuple[Composite | None, tuple]:
-        """The composite serving ``plan`` on bucket ``b``: the exact one, else one with the same precisions and
-        waits and a subset of the records (the largest); returns it and the records it carries."""
-        self._harvest()
-        key = self._plan_key(b, plan)
-        c = self.composites.get(key)
-        if c is not None:
-            self.composites.move_to_end(key)
-            return c, plan[2]
-        best, best_records = None, ()
-        have = set(key[3])
-        for k, c in self.composites.items():
-            if k[:3] == key[:3] and set(k[3]) <= have and (best is None or len(k[3]) > len(best_records)):
-                best, best_records = c, tuple((i, e) for i, e in plan[2] if (i, id(e)) in set(k[3]))
-        return best, best_records
-
-    def _submit(self, b: int, plan: tuple) -> tuple[tuple, Future | None]:
-        """Start building ``plan``'s composite on the worker thread (the layer graphs it needs are captured here
-        first, on this thread); returns its key and future (None when it exists already)."""
-        key = self._plan_key(b, plan)
-        if key in self.composites:
-            return key, None
-        fut = self._building.get(key)
-        if fut is None:
-            want, waits, records = plan
-            layers = [self.capture_layer(i, p, b) for i, p in enumerate(want)]
-            if self._builder is None:
-                device = self.model.device.index if self.model.device.index is not None else \
-                    torch.cuda.current_device()
-                self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="composite-graphs",
-                                                   initializer=torch.cuda.set_device, initargs=(device,))
-            children = [g.graph.raw_cuda_graph() for g in layers]
-            fut = self._building[key] = self._builder.submit(Composite, children, waits, records, layers)
-        return key, fut
-
-    def build_composite(self, b: int, plan: tuple) -> Composite:
-        """The composite of ``plan`` (precisions, waits, records; see the module docstring) on bucket ``b``,
-        capturing any layer graph it needs first; waits for it to be built."""
-        key, fut = self._submit(b, plan)
-        if fut is not None:
-            fut.result()
-            self._harvest()
-        return self.composites[key]
-
-    def prebuild(self, hooks: "LayerHooks | None") -> None:
-        """After a step was launched: start building the composite the next step will need (the swapper's plan
-        after it issued and retired its copies; without swaps, the current map when its whole-step graph is not
-        captured) on the worker thread.  A failure turns composites off (steps replay layer graphs)."""
-        b = self._last_bucket
-        if not self.use_composites or b is None:
-            return
-        if hooks is not None and hooks.active():
-            plan_fn = getattr(hooks, "graph_plan", None)
-            if plan_fn is None:
-                return  # hooks without a plan must run between the layers
-            plan = plan_fn()
-        elif self.full_capture_after == 0:
-            return  # a map without swaps gets its whole-step graph at its first step
-        else:
-            plan = (self.precision_key(), (), ())
-        if not plan[1] and not plan[2]:
-            per_map = self.graphs.get(tuple(plan[0]))
-            if per_map is not None and b in per_map:
-                return
-        try:
-            self._submit(b, plan)
-        except Exception as e:  # noqa: BLE001 - a runtime without the graph API: fall back, and say why
-            self._disable_composites(e)
-
-    def _run_planned(self, hb: "HostBatch", b: int, hooks: "LayerHooks | None") -> torch.Tensor | None:
-        """Launch the step as one graph serving the hooks' plan (a composite, or the map's whole-step graph when
-        the plan has no event to wait on or record); None when there is none (then the caller goes layer by layer)."""
-        plan_fn = getattr(hooks, "graph_plan", None) if hooks is not None else None
-        if hooks is not None and plan_fn is None:
-            return None
-        plan = plan_fn() if plan_fn is not None else (self.precision_key(), (), ())
-        want, waits, wanted_records = plan
-        if not self.use_composites:
-            if waits or wanted_records:
-                return None  # only the layer-by-layer replay can serve them (and a skipped record would never come)
-            c, records = None, ()
-        else:
-            c, records = self._composite_for(b, plan)
-        whole = None
-        if not waits and (c is None or not records):
-            per_map = self.graphs.get(tuple(want))
-            whole = per_map.get(b) if per_map is not None else None
-        if c is None and whole is None:
-            return None
-        self._upload(hb, b)
-        if whole is not None:
-            self.graphs.move_to_end(tuple(want))
-            whole.graph.replay()
-            records, logits = (), whole.logits
-        else:
-            c.launch()
-            self.num_composite_steps += 1
-            logits = self.layer_graphs[(len(want) - 1, want[-1], b)].logits
-        if plan_fn is not None:
-            hooks.graph_step(frozenset(i for i, _ in waits), frozenset(i for i, _ in records))
-            hooks.after_step()
-        self.num_replays += 1
-        return logits[:hb.num_seqs]
-
     def clear(self) -> None:
         """Drop every captured graph (they are recaptured on demand, e.g. after kernels' launch options changed)."""
-        for fut in self._building.values():
-            fut.exception()  # wait for it (its outcome is dropped with it)
-        self._building.clear()
-        if self.composites:
-            torch.cuda.current_stream().synchronize()
-        for c in self.composites.values():
-            c.close()
-        self.composites.clear()
         self.graphs.clear()
         self.layer_graphs.clear()
         self._stages.clear()
@@ -497,20 +326,18 @@ class DecodeGraphs:
         if not self.serves(hb):
             raise ValueError(f"no decode graph serves this batch ({hb.num_seqs} sequences, decode={hb.is_decode}, "
                              f"table width {hb.tables.shape[1]} > {self.width}?)")
-        s = hb.num_seqs
-        b = self._last_bucket = self.bucket_for(s)
         if hooks is not None:
             self._steady_key = None
-            out = self._run_planned(hb, b, hooks)
-            return out if out is not None else self.run_layerwise(hb, hooks)
+            return self.run_layerwise(hb, hooks)
+        s = hb.num_seqs
+        b = self.bucket_for(s)
         key = self.precision_key()
         if key != self._steady_key:
             self._steady_key, self._steady_steps = key, 0
         self._steady_steps += 1
         per_map = self.graphs.get(key)
         if (per_map is None or b not in per_map) and self._steady_steps <= self.full_capture_after:
-            out = self._run_planned(hb, b, None)
-            return out if out is not None else self.run_layerwise(hb)
+            return self.run_layerwise(hb)
         g = self.capture(b)
         self._upload(hb, b)
         g.graph.replay()

@@ -12,9 +12,8 @@ alternate, each guarded by an event, so a buffer is never rewritten while its co
 that samples nothing does not synchronise).
 
 Decode-only steps (one token per sequence, every sequence sampling) replay CUDA graphs when the runner has
-:class:`~morphserve.engine.cuda_graphs.DecodeGraphs` (while a swap is queued or in flight: a composite graph carrying
-the swapper's waits and records, built right after the previous step's launch, or per-layer graphs with the hooks
-between them); every other step runs the model eagerly.
+:class:`~morphserve.engine.cuda_graphs.DecodeGraphs` (per-layer graphs with the swapper's hooks between them while a
+swap is queued or in flight); every other step runs the model eagerly.
 """
 
 from __future__ import annotations
@@ -196,21 +195,14 @@ class ModelRunner:
             return self.graphs.run(hb, hooks)
         return self.model.forward(self.upload(hb), self.pool, self.kernels, hooks=hooks)
 
-    def _after_launch(self) -> None:
-        """Host work that overlaps the launched step: the morphing system's callback (issues swap copies), then
-        the composite graph the next decode step will need (:meth:`DecodeGraphs.prebuild`)."""
-        if self.after_launch is not None:
-            self.after_launch()
-        if self.last_step_graph:
-            self.graphs.prebuild(self.hooks)
-
     def run(self, sched: SchedulerOutput) -> list[int]:
         """Forward the scheduled chunks; returns one sampled token per chunk that samples (in chunk order)."""
         sampling = [c.request for c in sched.chunks if c.samples]
         timing = self.timing if self.device.type == "cuda" else None
         if timing is None:
             logits = self.forward(self.host_batch(sched))
-            self._after_launch()
+            if self.after_launch is not None:
+                self.after_launch()
             return sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
@@ -219,7 +211,8 @@ class ModelRunner:
         start.record()
         logits = self.forward(hb)
         end.record()
-        self._after_launch()
+        if self.after_launch is not None:
+            self.after_launch()
         t2 = time.perf_counter()
         tokens = sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
         t3 = time.perf_counter()

@@ -20,12 +20,8 @@ Ordering on CUDA (the copy runs on a dedicated copy stream, overlapped with deco
 * in step ``t + 1`` the forward calls :meth:`before_layer` for each layer: for a layer with a copy in flight the
   compute stream waits on ``ready`` there, just before the layer's first kernel, and the views switch to ``p``.
   Steps never read a half-written slot, and a step waits only at the layer being swapped, after running every
-  layer before it.  The copy overlaps the rest of step ``t`` and the start of step ``t + 1``.  Decode steps replay
-  CUDA graphs that carry these waits and records as event nodes (:meth:`graph_plan`, :meth:`graph_step`,
-  :mod:`morphserve.engine.cuda_graphs`), or per-layer graphs with the hooks run between them;
-* a step that reads layer ``i`` *without* re-recording a queued swap's ``fence`` after it (a graph that was not
-  built with that record) leaves the fence *stale*: :meth:`issue` skips the swap until a later step records it
-  again, so a copy never overwrites bytes a launched step may still read.
+  layer before it.  The copy overlaps the rest of step ``t`` and the start of step ``t + 1``.  Decode steps run as
+  per-layer CUDA graphs with these hooks between them (:mod:`morphserve.engine.cuda_graphs`).
 
 On CPU the same calls run synchronously (the copy happens in :meth:`issue`).  Several layers may be in flight at
 once (they share the copy stream, so their copies run back to back at the link's bandwidth); a queued swap can be
@@ -65,7 +61,6 @@ class Swap:
     done_at: float | None = None
     copy_events: tuple | None = field(default=None, repr=False)  # (start, end) on the copy stream, when timed
     tail_events: tuple | None = field(default=None, repr=False)  # the same for a growing swap's tail part
-    stale: bool = False  # a step read the layer after ``fence`` was recorded without recording it again
 
     @property
     def copy_ms(self) -> float | None:
@@ -99,10 +94,6 @@ class LayerSwapper:
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self.time_copies = time_copies and self.copy_stream is not None
         self.swaps: dict[int, Swap] = {}  # at most one queued or in-flight swap per layer
-        # one fence and one ready event per layer, reused by every swap of that layer (a layer has at most one swap
-        # at a time): graphs built with these events in their nodes serve every later swap of the same layer
-        self._fences: dict[int, torch.cuda.Event] = {}
-        self._readies: dict[int, torch.cuda.Event] = {}
         self.completed: list[Swap] = []
         self.bytes_copied = 0
 
@@ -138,7 +129,7 @@ class LayerSwapper:
         nbytes = layout_for(dst, cfg, dtype).nbytes
         swap = Swap(layer, src, dst, nbytes, grows=nbytes > layout_for(src, cfg, dtype).nbytes)
         if self.copy_stream is not None:
-            swap.fence = self._fences.setdefault(layer, torch.cuda.Event())
+            swap.fence = torch.cuda.Event()
             swap.fence.record(torch.cuda.current_stream(self.device))
             if swap.grows:
                 self._copy_tail(swap)
@@ -212,43 +203,16 @@ class LayerSwapper:
         s = self.swaps.get(layer)
         if s is not None and s.fence is not None and s.state is SwapState.QUEUED:
             s.fence.record(torch.cuda.current_stream(self.device))
-            s.stale = False
-
-    def graph_plan(self) -> tuple[tuple, tuple, tuple]:
-        """What the next step needs, for a graph that replaces the per-layer hooks: ``(precisions, waits,
-        records)``: the precision of every layer in the step (:meth:`step_precision`), ``(layer, event)`` pairs to
-        wait on just before the layer (a copy issued and not switched yet: the step switches the layer), and
-        ``(layer, event)`` pairs to record just after it (the fence of a queued swap)."""
-        n = self.arena.cfg.num_layers
-        waits = tuple((i, s.ready) for i, s in sorted(self.swaps.items())
-                      if s.state is SwapState.COPYING and not s.switched and s.ready is not None)
-        records = tuple((i, s.fence) for i, s in sorted(self.swaps.items())
-                        if s.state is SwapState.QUEUED and s.fence is not None)
-        return tuple(self.step_precision(i) for i in range(n)), waits, records
-
-    def graph_step(self, waited: set[int] | frozenset[int], recorded: set[int] | frozenset[int]) -> None:
-        """A step was launched as one graph instead of with the per-layer hooks: it waited before the layers in
-        ``waited`` (their views switch now, as :meth:`before_layer` does) and recorded the fences of the queued swaps
-        in ``recorded``; every other queued swap's fence is stale (its layer was read after it)."""
-        for layer in waited:
-            s = self.swaps[layer]
-            if s.state is not SwapState.COPYING or s.switched:
-                raise RuntimeError(f"layer {layer}: the graph waited for a copy that was not pending ({s.state})")
-            self.arena.set_precision(layer, s.dst)
-            s.switched = True
-        for s in self.queued():
-            s.stale = s.layer not in recorded
 
     def after_step(self) -> None:
         """Forward hook at the end of a step (nothing to do: every copy is fenced per layer)."""
 
     def issue(self) -> list[Swap]:
         """Enqueue the copies of every queued swap (call after launching a step).  On CPU they run now.  A growing
-        swap whose tail copy has not landed yet stays queued (its layer keeps its current precision), and so does a
-        swap whose fence is stale (see the module docstring)."""
+        swap whose tail copy has not landed yet stays queued (its layer keeps its current precision)."""
         issued = []
         for s in self.queued():
-            if s.stale or (s.tail_ready is not None and not s.tail_ready.query()):
+            if s.tail_ready is not None and not s.tail_ready.query():
                 continue
             buf = self.staged.buffer(s.layer, s.dst)
             slot = self.arena.slot(s.layer)
@@ -269,7 +233,7 @@ class LayerSwapper:
                     chunked_copy(slot[:n], buf[:n])
                     if self.time_copies:
                         s.copy_events[1].record(self.copy_stream)
-                    s.ready = self._readies.setdefault(s.layer, torch.cuda.Event())
+                    s.ready = torch.cuda.Event()
                     s.ready.record(self.copy_stream)
                 s.state = SwapState.COPYING
             self.bytes_copied += buf.numel()
