@@ -52,15 +52,15 @@ from morphserve.engine.model_runner import HostBatch
 NOISE_FACTOR = 4.0
 ROUNDOFF_FACTOR = 4.0
 NOISE_TOP_K = 16
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
 def unit_roundoff(*dtypes: torch.dtype) -> float:
-    """The unit roundoff of the least precise of ``dtypes``."""
-    unknown = [d for d in dtypes if d not in UNIT_ROUNDOFF]
+    """The unit roundoff (half the machine epsilon, ``torch.finfo``) of the least precise of ``dtypes``: 2^-8 for
+    bfloat16, 2^-11 for float16, 2^-24 for float32."""
+    unknown = [d for d in dtypes if not d.is_floating_point]
     if unknown:
-        raise ValueError(f"no unit roundoff known for {unknown} (known: {sorted(map(str, UNIT_ROUNDOFF))})")
-    return max(UNIT_ROUNDOFF[d] for d in dtypes)
+        raise ValueError(f"no unit roundoff known for {unknown} (floating-point dtypes only)")
+    return max(torch.finfo(d).eps / 2 for d in dtypes)
 
 
 @dataclass
