@@ -95,7 +95,7 @@ def min_bytes(precision: str, n: int, k: int, g: int, m: int) -> int:
 
 
 def family_best(times: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Fastest candidate of each path family (gemv, gemm, dequant_mm)."""
+    """Fastest candidate of each path family (gemv, gemm, gemm_t, dequant_mm)."""
     out: dict[str, dict[str, Any]] = {}
     for name, us in times.items():
         fam = re.match(r"[a-z_]+", name).group(0)
@@ -248,14 +248,15 @@ def markdown(result: dict[str, Any], device_name: str) -> str:
                      f"{r['w8']['auto_us']:.1f} | {r['w8']['chosen']} | {r['w8']['frac_copy_bw']:.2f} | "
                      f"{r['w4']['auto_us']:.1f} | {r['w4']['chosen']} | {r['w4']['frac_copy_bw']:.2f} |")
     lines.append("")
-    lines += ["**Best time per path family (us): W4 gemv / gemm / dequant_mm; W8 gemv / gemm / dequant_mm**", "",
-              "| N x K | M | W4 gemv | W4 gemm | W4 dequant_mm | W8 gemv | W8 gemm | W8 dequant_mm |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    families = ("gemv", "gemm", "gemm_t", "dequant_mm")
+    lines += ["**Best time per path family (us): W4 " + " / ".join(families) + "; W8 the same**", "",
+              "| N x K | M | " + " | ".join(f"{p} {f}" for p in ("W4", "W8") for f in families) + " |",
+              "|---|---:|" + "---:|" * (2 * len(families))]
     for r in rows:
         cells = []
         for prec in ("w4", "w8"):
             fam = r[prec]["families"]
-            cells += [f"{fam[f]['us']:.1f}" if f in fam else "-" for f in ("gemv", "gemm", "dequant_mm")]
+            cells += [f"{fam[f]['us']:.1f}" if f in fam else "-" for f in families]
         lines.append(f"| {r['n']} x {r['k']} | {r['m']} | " + " | ".join(cells) + " |")
     t = result["targets"]
     lines += ["", f"Targets on the 7B/8B shapes: W4 >= 3x at M <= 16: {t['w4_3x_m_le_16_all_met']}; "

@@ -22,9 +22,9 @@ if not torch.cuda.is_available():
 
 import morphserve.quant  # noqa: E402,F401  (registers the W8/W4 layouts and the dispatch)
 from morphserve.kernels.w4a16 import (GemmConfig, GemvConfig, splitk_workspace, w4a16_dequant_mm,  # noqa: E402
-                                      w4a16_dequantize_t, w4a16_gemm, w4a16_gemv, w4a16_matmul_ref)
-from morphserve.kernels.w8a16 import (w8a16_dequant_mm, w8a16_dequantize, w8a16_gemm, w8a16_gemv,  # noqa: E402
-                                      w8a16_matmul_ref)
+                                      w4a16_dequantize_t, w4a16_gemm, w4a16_gemm_t, w4a16_gemv, w4a16_matmul_ref)
+from morphserve.kernels.w8a16 import (w8a16_dequant_mm, w8a16_dequantize, w8a16_gemm, w8a16_gemm_t,  # noqa: E402
+                                      w8a16_gemv, w8a16_matmul_ref)
 from morphserve.memory.weight_arena import LayerWeights, Precision  # noqa: E402
 from morphserve.model.linear import linear  # noqa: E402
 from morphserve.quant import dispatch  # noqa: E402
@@ -78,6 +78,19 @@ def test_w4_gemm_matches_reference(m, n, k, g, dtype):
     for cfg in (GemmConfig(16, 32, 4, 2), GemmConfig(32, 16, 4, 2, split_k=2)):
         y = w4a16_gemm(x, q.qweight, q.scales, q.zeros, g, cfg)
         assert y.dtype == dtype and _err(y, ref) < TOL[dtype], cfg
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,g", [(1, 48, 256, 128), (33, 80, 512, 128), (5, 64, 512, 256)])
+def test_w4_gemm_t_matches_reference(m, n, k, g, dtype):
+    """The weight-stationary kernel: partial tiles in both M and N, split-K with an uneven last split, G = 256."""
+    q, x = _w4(n, k, g, dtype), _x(m, k, dtype)
+    ref = _ref64(x, q.dequantize())
+    for cfg in (GemmConfig(16, 32, 4, 2, weight_a=True), GemmConfig(32, 64, 4, 2, split_k=3, weight_a=True)):
+        y = w4a16_gemm_t(x, q.qweight, q.scales, q.zeros, g, cfg)
+        assert y.dtype == dtype and _err(y, ref) < TOL[dtype], cfg
+    with pytest.raises(ValueError, match="group size >= 128 .*got 64"):
+        w4a16_gemm_t(x[:, :128], *_w4(n, 128, 64, dtype).tensors("p").values(), 64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -142,6 +155,10 @@ def test_w8_gemm_matches_reference(m, n, k, dtype):
     ref = _ref64(x, q.dequantize())
     for cfg in (GemmConfig(16, 32, 4, 2, block_k=64), GemmConfig(32, 16, 4, 2, split_k=3, block_k=32)):
         y = w8a16_gemm(x, q.qweight, q.scales, cfg)
+        assert y.dtype == dtype and _err(y, ref) < TOL[dtype], cfg
+    for cfg in (GemmConfig(16, 32, 4, 2, block_k=64, weight_a=True),
+                GemmConfig(32, 16, 4, 2, split_k=3, block_k=32, weight_a=True)):  # the weight-stationary kernel
+        y = w8a16_gemm_t(x, q.qweight, q.scales, cfg)
         assert y.dtype == dtype and _err(y, ref) < TOL[dtype], cfg
 
 

@@ -109,9 +109,25 @@ def store_tile(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split
     never failed.  The barrier is in the generated PTX; the fixed kernel had not been re-run on a GPU as of
     2026-11-22 (tests/test_kernels_quant.py::test_splitk_repeated_runs_are_exact is the check)."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y_ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
+    idx = offs_m[:, None] * N + offs_n[None, :]
+    _store_split(acc, y_ptr, ws_ptr, idx, mask, cnt_ptr, tile_id, split_k, FENCE)
+
+
+@triton.jit
+def store_tile_t(acc_t, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE: tl.constexpr):
+    """:func:`store_tile` for a transposed tile ``acc_t[BLOCK_N, BLOCK_M]`` (the weight-stationary kernels), stored
+    from its own register layout (no transpose through shared memory)."""
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    idx = offs_m[None, :] * N + offs_n[:, None]
+    _store_split(acc_t, y_ptr, ws_ptr, idx, mask, cnt_ptr, tile_id, split_k, FENCE)
+
+
+@triton.jit
+def _store_split(acc, y_ptr, ws_ptr, idx, mask, cnt_ptr, tile_id, split_k, FENCE: tl.constexpr):
+    """The store protocol of :func:`store_tile`; ``idx`` (int32) indexes both ``y`` and the workspace (pointers are
+    formed where they are used: a tile of 64-bit pointers would cost two registers per element)."""
     if split_k > 1:
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        ws_ptrs = ws_ptr + idx
         tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
         if FENCE:
             tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [tile_id], dtype=tl.int32,
@@ -120,14 +136,14 @@ def store_tile(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split
         arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
         if arrived == split_k - 1:
             total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # from L2, where atomics land
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + idx, total.to(y_ptr.dtype.element_ty), mask=mask)
             # The compiler may give the load above and the store below different thread layouts, so one thread can
             # zero a sum another thread has not read yet: wait until every thread has stored its part of y.
             tl.debug_barrier()
             tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
             tl.atomic_xchg(cnt_ptr + tile_id, 0)
     else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- configurations ------------------------------------------------------------------------------------------------
@@ -158,11 +174,13 @@ class GemmConfig:
     num_stages: int
     split_k: int = 1
     block_k: int = 0
+    weight_a: bool = False  # the weight-stationary kernels (``*_gemm_t``): the weight tile is the MMA's A operand
 
     @property
     def name(self) -> str:
         k = f",k{self.block_k}" if self.block_k else ""
-        return (f"gemm[m{self.block_m},n{self.block_n}{k},w{self.num_warps},s{self.num_stages},"
+        kind = "gemm_t" if self.weight_a else "gemm"
+        return (f"{kind}[m{self.block_m},n{self.block_n}{k},w{self.num_warps},s{self.num_stages},"
                 f"sk{self.split_k}]")
 
 
@@ -442,6 +460,80 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                           groups_per_split, split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                           MODE=mode, DOT_PRECISION=precision, FENCE=not interpreting(), num_warps=cfg.num_warps,
                           num_stages=cfg.num_stages)
+    return y
+
+
+# ---- weight-stationary tensor-core GEMM (M from a few to a few hundred) ----------------------------------------------
+@triton.jit(do_not_specialize=["M", "num_groups", "groups_per_split", "split_k"])
+def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
+                      M, N, stride_xm, num_groups, groups_per_split, split_k,
+                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, FENCE: tl.constexpr):
+    """``y.T`` tile ``[BLOCK_N, BLOCK_M] = W_tile @ x_tile.T``: the dequantized weight is the A operand (on Hopper
+    the MMA reads A from registers, so the dequantized tile never touches shared memory; B, the activations, comes
+    from shared memory).  The batch is the MMA's N dimension (16 to 256), so small M wastes nothing of the
+    64-row MMA.  One group of ``G`` input features per step, as ``8`` products of ``K = G / 8``: product ``j``
+    takes nibble ``j`` of the word tile (the codes of ``k = 8r + j``) and the matching strided rows of ``x.T``.
+    The tile is fully dequantized before the product, ``(q - z) * s`` rounded once to the model dtype (the
+    reference's value): float16 builds ``1024 + q`` by OR-ing the code into the exponent bits of 1024
+    (``0x6400``), subtracts ``1024 + z`` (exact) and multiplies by ``s`` (one rounding), so one float32
+    accumulator runs over all of K with no per-group epilogue.  bfloat16/float32 convert the code."""
+    ROWS: tl.constexpr = GROUP // 8  # int32 words per column per group = K of each product (>= 16)
+    pid_m = tl.program_id(0)  # fastest: programs that share a weight tile run together (L2 reuse)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, ROWS)
+    x_cols = x_ptr + offs_m[None, :] * stride_xm  # [1, BLOCK_M]: x.T's columns
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for i in range(0, groups_per_split):
+        g = pid_k * groups_per_split + i
+        g_in = tl.minimum(g, num_groups - 1)  # past the last group: re-read it, add nothing (scales load as 0)
+        w = tl.load(qw_ptr + (g_in * ROWS + offs_r)[None, :] * N + offs_n[:, None], mask=n_mask[:, None], other=0)
+        s = tl.load(s_ptr + g_in * N + offs_n, mask=n_mask & (g < num_groups), other=0.0)
+        z = tl.load(z_ptr + g_in * N + offs_n, mask=n_mask, other=0.0)
+        if MODE == 0:
+            zz = (z + 1024.0)[:, None]
+        for j in tl.static_range(8):
+            b = tl.load(x_cols + (g_in * GROUP + offs_r * 8 + j)[:, None], mask=m_mask[None, :], other=0.0)
+            q = (w >> (4 * j)) & 15
+            if MODE == 0:
+                a = ((q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - zz) * s[:, None]
+            else:
+                a = ((q.to(tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]).to(b.dtype)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    tile_id = pid_m * tl.num_programs(1) + pid_n
+    store_tile_t(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
+
+
+def w4a16_gemm_t(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int, cfg: GemmConfig = GemmConfig(16, 64, 4, 3, weight_a=True)) -> torch.Tensor:
+    """``x @ W.T`` with the weight-stationary tensor-core kernel (group size >= 128; optional split-K)."""
+    m, n, k = _check_operands(x, qweight, scales, zeros, group_size)
+    if group_size < 128:
+        raise ValueError(f"the weight-stationary W4 GEMM needs a group size >= 128 (K >= 16 per product), "
+                         f"got {group_size}")
+    _check_block("block_m", cfg.block_m, 16)
+    _check_block("block_n", cfg.block_n, 16)
+    num_groups = k // group_size
+    split = max(1, min(cfg.split_k, num_groups))
+    groups_per_split = triton.cdiv(num_groups, split)
+    split = triton.cdiv(num_groups, groups_per_split)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    ws = splitk_workspace(x.device)  # passed even without split-K: the kernel's pointer types must not change
+    if split > 1:
+        ws.check(m, n, grid[0] * grid[1])
+    mode = 0 if x.dtype == torch.float16 else 1
+    _w4_gemm_t_kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0), num_groups,
+                            groups_per_split, split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                            MODE=mode, DOT_PRECISION=dot_precision(x.dtype), FENCE=not interpreting(),
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from morphserve.kernels.w4a16 import (_CHUNK_ALIGN, _SUPPORTED_DTYPES, GemmConfig, GemvConfig, _check_block,
-                                      _dot_mode, splitk_workspace, store_tile)
-from morphserve.kernels.triton_support import interpreting
+                                      _dot_mode, splitk_workspace, store_tile, store_tile_t)
+from morphserve.kernels.triton_support import dot_precision, interpreting
 from morphserve.quant.packing import dequantize_w8
 
 W8_WORD = 4  # int8 codes per int32 word in the GEMV kernel's view
@@ -193,6 +193,66 @@ def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MODE=mode,
                           DOT_PRECISION=precision, FENCE=not interpreting(), num_warps=cfg.num_warps,
                           num_stages=cfg.num_stages)
+    return y
+
+
+# ---- weight-stationary tensor-core GEMM (M from a few to a few hundred) ----------------------------------------------
+@triton.jit(do_not_specialize=["M", "steps_per_split", "split_k"])
+def _w8_gemm_t_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
+                      M, N, K, stride_xm, steps_per_split, split_k,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, FENCE: tl.constexpr):
+    """``y.T`` tile ``[BLOCK_N, BLOCK_M] = Q_tile @ x_tile.T``, scaled per output channel at the end: the int8
+    codes, converted to the activation dtype (exact), are the MMA's A operand (registers on Hopper), the
+    activations its B operand (shared memory), the batch its N dimension (see
+    :func:`morphserve.kernels.w4a16._w4_gemm_t_kernel`)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * steps_per_split * BLOCK_K  # a multiple of BLOCK_K the compiler can see (aligned loads)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for step in range(0, steps_per_split):
+        ks = k_lo + step * BLOCK_K + offs_k
+        k_mask = ks < K  # the last split may be short; K is a multiple of BLOCK_K
+        q = tl.load(q_ptr + offs_n[:, None] * K + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        b = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None], mask=m_mask[None, :] & k_mask[:, None],
+                    other=0.0)
+        acc = tl.dot(q.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+    s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tile_id = pid_m * tl.num_programs(1) + pid_n
+    store_tile_t(acc * s[:, None], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
+
+
+def w8a16_gemm_t(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 cfg: GemmConfig = GemmConfig(16, 64, 4, 3, block_k=128, weight_a=True)) -> torch.Tensor:
+    """``x @ W.T`` with the weight-stationary tensor-core kernel (``cfg.block_k`` must divide K; optional
+    split-K)."""
+    m, n, k = _check_operands(x, qweight, scales)
+    _check_block("block_m", cfg.block_m, 16)
+    _check_block("block_n", cfg.block_n, 16)
+    _check_block("block_k", cfg.block_k, 16)
+    if k % cfg.block_k:
+        raise ValueError(f"block_k={cfg.block_k} must divide K={k}")
+    steps = k // cfg.block_k
+    split = max(1, min(cfg.split_k, steps))
+    steps_per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, steps_per_split)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    ws = splitk_workspace(x.device)  # passed even without split-K: the kernel's pointer types must not change
+    if split > 1:
+        ws.check(m, n, grid[0] * grid[1])
+    _w8_gemm_t_kernel[grid](x, qweight, scales, y, ws.partials, ws.counters, m, n, k, x.stride(0), steps_per_split,
+                            split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                            DOT_PRECISION=dot_precision(x.dtype), FENCE=not interpreting(),
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -6,8 +6,9 @@ Importing this module registers :func:`linear_w8` and :func:`linear_w4` with
 * **CPU** tensors (and any device that is not CUDA) take the pure-PyTorch references (dequantize, then
   ``F.linear``).
 * **CUDA** tensors take one of the Triton paths of :mod:`morphserve.kernels.w4a16` / :mod:`morphserve.kernels.w8a16`:
-  the split-K GEMV, the tensor-core GEMM (several tile shapes and split-K factors) or dequantize + cuBLAS.  Which
-  one is decided by measurement, per ``(precision, N, K, group size, dtype, device)`` and per *M bucket* (the
+  the split-K GEMV, the tensor-core GEMMs (activation-stationary ``gemm`` and weight-stationary ``gemm_t``; several
+  tile shapes and split-K factors) or dequantize + cuBLAS.  Which one is decided by measurement, per
+  ``(precision, N, K, group size, dtype, device)`` and per *M bucket* (the
   smallest of :data:`M_BUCKETS` that is >= the number of rows of ``x``; larger M use the last bucket).  The first
   call with a new key times every candidate on random activations of the bucket's M with the layer's own weights
   (median of :data:`TIMING_REPS` runs, L2 flushed before each, CUDA events) and caches the fastest in a
@@ -105,7 +106,8 @@ class QuantWeight:
 
 @dataclass(frozen=True)
 class Path:
-    """One way to compute the product: ``kind`` is ``"gemv"``, ``"gemm"`` or ``"dequant_mm"``."""
+    """One way to compute the product: ``kind`` is ``"gemv"``, ``"gemm"``, ``"gemm_t"`` (weight-stationary) or
+    ``"dequant_mm"``."""
 
     kind: str
     config: object = None  # GemvConfig / GemmConfig of the kernels; None for dequant_mm
@@ -132,9 +134,9 @@ def run_path(path: Path, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
             return w4a16.w4a16_dequant_mm(x, w.qweight, w.scales, w.zeros, w.group_size, scratch)
         return w8a16.w8a16_dequant_mm(x, w.qweight, w.scales, scratch)
     if w.precision is Precision.W4:
-        fn = w4a16.w4a16_gemv if path.kind == "gemv" else w4a16.w4a16_gemm
+        fn = {"gemv": w4a16.w4a16_gemv, "gemm": w4a16.w4a16_gemm, "gemm_t": w4a16.w4a16_gemm_t}[path.kind]
         return fn(x, w.qweight, w.scales, w.zeros, w.group_size, path.config)
-    fn = w8a16.w8a16_gemv if path.kind == "gemv" else w8a16.w8a16_gemm
+    fn = {"gemv": w8a16.w8a16_gemv, "gemm": w8a16.w8a16_gemm, "gemm_t": w8a16.w8a16_gemm_t}[path.kind]
     return fn(x, w.qweight, w.scales, path.config)
 
 
@@ -153,6 +155,24 @@ _GEMM_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int], .
         (32, ((32, 64, 4, 4), (32, 128, 4, 4))),
         (64, ((64, 64, 4, 4), (64, 128, 4, 4))),
         (2048, ((64, 128, 4, 4), (128, 128, 8, 3))),
+    ),
+}
+# Weight-stationary GEMM tiles (block_m, block_n, num_warps, num_stages) per M bucket (``*_gemm_t``: the weight tile
+# is the MMA's A operand and the batch its N dimension, so block_m may be as small as 16).  No register spills on
+# sm_90 in the compiler's resource report (float16, 16-byte aligned operands); W4 needs a group size >= 128.
+_GEMM_T_MIN_M = 2
+_GEMM_T_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int], ...]], ...]] = {
+    Precision.W4: (
+        (16, ((16, 64, 4, 3), (16, 128, 4, 3))),
+        (32, ((32, 64, 4, 3), (32, 128, 4, 3))),
+        (64, ((64, 64, 4, 3), (64, 128, 4, 3))),
+        (2048, ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3))),
+    ),
+    Precision.W8: (
+        (16, ((16, 64, 4, 4), (16, 128, 4, 4))),
+        (32, ((32, 64, 4, 4), (32, 128, 4, 4))),
+        (64, ((64, 64, 4, 3), (64, 128, 4, 3))),
+        (2048, ((128, 64, 4, 3), (128, 128, 8, 3))),
     ),
 }
 # GEMV (block_n, num_warps[, stages, rows_step]): W4 gives each thread 4 or 8 output columns (block_n 128 or 256 per
@@ -202,6 +222,12 @@ def candidates(w: QuantWeight, m: int, num_sms: int) -> list[Path]:
                 tiles = ((m + bm - 1) // bm) * ((n + bn - 1) // bn)
                 for s in _split_options("gemm", tiles, max_split, num_sms, m, n):
                     out.append(Path("gemm", GemmConfig(bm, bn, warps, stages, s, block_k)))
+        t_tiles = next((t for bound, t in _GEMM_T_TILES[w.precision] if m <= bound), ())
+        if m >= _GEMM_T_MIN_M and (block_k or (w.precision is Precision.W4 and w.group_size >= 128)):
+            for bm, bn, warps, stages in t_tiles:
+                tiles = ((m + bm - 1) // bm) * ((n + bn - 1) // bn)
+                for s in _split_options("gemm", tiles, max_split, num_sms, m, n):
+                    out.append(Path("gemm_t", GemmConfig(bm, bn, warps, stages, s, block_k, weight_a=True)))
     out.append(Path("dequant_mm"))
     return out
 
