@@ -485,8 +485,10 @@ def test_smollm2_fast_vs_reference_cuda():
     except Exception as exc:  # no cache and no network
         pytest.skip(f"SmolLM2 checkpoint unavailable: {exc}")
     for dtype in ("float32", "float16"):
-        fast = LLMEngine(EngineConfig(model="smollm2-135m", device="cuda", dtype=dtype))
-        ref = LLMEngine(EngineConfig(model="smollm2-135m", device="cuda", dtype=dtype), kernels="reference")
+        # two engines in one process: each gets an explicit KV budget (the default takes the free memory)
+        fast = LLMEngine(EngineConfig(model="smollm2-135m", device="cuda", dtype=dtype, kv_cache_bytes=1 << 30))
+        ref = LLMEngine(EngineConfig(model="smollm2-135m", device="cuda", dtype=dtype, kv_cache_bytes=1 << 30),
+                        kernels="reference")
         p, a = _greedy(fast, PARITY_PROMPTS[:8], 32)
         _, b = _greedy(ref, PARITY_PROMPTS[:8], 32)
         if dtype == "float32":

@@ -362,6 +362,21 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 
 # ---- tiled tensor-core GEMM (mid M) ---------------------------------------------------------------------------------
 @triton.jit
+def _code_positions(a, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """The eight strided column sets of an activation tile ``a[BLOCK_M, 8 * ROWS]`` (one group):
+    ``x_j[:, r] = a[:, 8r + j]``, the inputs that meet nibble ``j`` of word row ``r``.  Register-level splits of a
+    tile loaded contiguously (16-byte loads), not strided loads."""
+    p0, p1 = tl.split(tl.reshape(a, (BLOCK_M, ROWS, 2, 2, 2)))  # by bit 0 of j
+    p00, p01 = tl.split(p0)  # by bit 1 of j
+    p10, p11 = tl.split(p1)
+    x0, x4 = tl.split(p00)  # by bit 2 of j
+    x2, x6 = tl.split(p01)
+    x1, x5 = tl.split(p10)
+    x3, x7 = tl.split(p11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
 def _w4_dot_position(d, a_j, w, j, MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``d + a_j @ B_j`` with ``B_j = (w >> 4j) & 15`` (``j`` a constant or a per-row column vector)."""
     q = (w >> (4 * j)) & 15
@@ -409,21 +424,9 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         # x[:, 8r + j], come from the contiguous tile by register-level splits (G >= 128) or strided loads.
         d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if P == 1:
-            p0, p1 = tl.split(tl.reshape(a, (BLOCK_M, ROWS, 2, 2, 2)))  # by bit 0 of j
-            p00, p01 = tl.split(p0)  # by bit 1 of j
-            p10, p11 = tl.split(p1)
-            x0, x4 = tl.split(p00)  # by bit 2 of j
-            x2, x6 = tl.split(p01)
-            x1, x5 = tl.split(p10)
-            x3, x7 = tl.split(p11)
-            d = _w4_dot_position(d, x0, w, 0, MODE, DOT_PRECISION)
-            d = _w4_dot_position(d, x1, w, 1, MODE, DOT_PRECISION)
-            d = _w4_dot_position(d, x2, w, 2, MODE, DOT_PRECISION)
-            d = _w4_dot_position(d, x3, w, 3, MODE, DOT_PRECISION)
-            d = _w4_dot_position(d, x4, w, 4, MODE, DOT_PRECISION)
-            d = _w4_dot_position(d, x5, w, 5, MODE, DOT_PRECISION)
-            d = _w4_dot_position(d, x6, w, 6, MODE, DOT_PRECISION)
-            d = _w4_dot_position(d, x7, w, 7, MODE, DOT_PRECISION)
+            xs = _code_positions(a, BLOCK_M, ROWS)
+            for j in tl.static_range(8):
+                d = _w4_dot_position(d, xs[j], w, j, MODE, DOT_PRECISION)
         else:
             for t in tl.static_range(8 // P):
                 j = t * P + pos
@@ -473,7 +476,9 @@ def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     the MMA reads A from registers, so the dequantized tile never touches shared memory; B, the activations, comes
     from shared memory).  The batch is the MMA's N dimension (16 to 256), so small M wastes nothing of the
     64-row MMA.  One group of ``G`` input features per step, as ``8`` products of ``K = G / 8``: product ``j``
-    takes nibble ``j`` of the word tile (the codes of ``k = 8r + j``) and the matching strided rows of ``x.T``.
+    takes nibble ``j`` of the word tile (the codes of ``k = 8r + j``) and the matching strided rows of ``x.T``
+    (split in registers from the contiguously loaded activation tile: on an H200, 1.3x-2.3x faster than loading
+    each strided set from memory, 2026-12-02).
     The tile is fully dequantized before the product, ``(q - z) * s`` rounded once to the model dtype (the
     reference's value): float16 builds ``1024 + q`` by OR-ing the code into the exponent bits of 1024
     (``0x6400``), subtracts ``1024 + z`` (exact) and multiplies by ``s`` (one rounding), so one float32
@@ -487,7 +492,8 @@ def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     m_mask = offs_m < M
     n_mask = offs_n < N
     offs_r = tl.arange(0, ROWS)
-    x_cols = x_ptr + offs_m[None, :] * stride_xm  # [1, BLOCK_M]: x.T's columns
+    offs_k = tl.arange(0, GROUP)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for i in range(0, groups_per_split):
         g = pid_k * groups_per_split + i
@@ -497,8 +503,10 @@ def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         z = tl.load(z_ptr + g_in * N + offs_n, mask=n_mask, other=0.0)
         if MODE == 0:
             zz = (z + 1024.0)[:, None]
+        xs = _code_positions(tl.load(x_rows + (g_in * GROUP + offs_k)[None, :], mask=m_mask[:, None], other=0.0),
+                             BLOCK_M, ROWS)
         for j in tl.static_range(8):
-            b = tl.load(x_cols + (g_in * GROUP + offs_r * 8 + j)[:, None], mask=m_mask[None, :], other=0.0)
+            b = tl.trans(xs[j])  # [ROWS, BLOCK_M]
             q = (w >> (4 * j)) & 15
             if MODE == 0:
                 a = ((q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - zz) * s[:, None]
