@@ -22,9 +22,9 @@ if not torch.cuda.is_available():
 
 import morphserve.quant  # noqa: E402,F401  (registers the W8/W4 layouts and the dispatch)
 from morphserve.kernels.w4a16 import (GemmConfig, GemvConfig, splitk_workspace, w4a16_dequant_mm,  # noqa: E402
-                                      w4a16_dequantize_t, w4a16_gemm, w4a16_gemm_t, w4a16_gemv, w4a16_matmul_ref)
-from morphserve.kernels.w8a16 import (w8a16_dequant_mm, w8a16_dequantize, w8a16_gemm, w8a16_gemm_t,  # noqa: E402
-                                      w8a16_gemv, w8a16_matmul_ref)
+                                      w4a16_dequantize_t, w4a16_gemm, w4a16_gemv, w4a16_matmul_ref)
+from morphserve.kernels.w8a16 import (w8a16_dequant_mm, w8a16_dequantize, w8a16_gemm, w8a16_gemv,  # noqa: E402
+                                      w8a16_matmul_ref)
 from morphserve.memory.weight_arena import LayerWeights, Precision  # noqa: E402
 from morphserve.model.linear import linear  # noqa: E402
 from morphserve.quant import dispatch  # noqa: E402
@@ -87,10 +87,11 @@ def test_w4_gemm_t_matches_reference(m, n, k, g, dtype):
     q, x = _w4(n, k, g, dtype), _x(m, k, dtype)
     ref = _ref64(x, q.dequantize())
     for cfg in (GemmConfig(16, 32, 4, 2, weight_a=True), GemmConfig(32, 64, 4, 2, split_k=3, weight_a=True)):
-        y = w4a16_gemm_t(x, q.qweight, q.scales, q.zeros, g, cfg)
+        y = w4a16_gemm(x, q.qweight, q.scales, q.zeros, g, cfg)
         assert y.dtype == dtype and _err(y, ref) < TOL[dtype], cfg
     with pytest.raises(ValueError, match="group size >= 128 .*got 64"):
-        w4a16_gemm_t(x[:, :128], *_w4(n, 128, 64, dtype).tensors("p").values(), 64)
+        w4a16_gemm(x[:, :128], *_w4(n, 128, 64, dtype).tensors("p").values(), 64,
+                   GemmConfig(16, 32, 4, 2, weight_a=True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -158,7 +159,7 @@ def test_w8_gemm_matches_reference(m, n, k, dtype):
         assert y.dtype == dtype and _err(y, ref) < TOL[dtype], cfg
     for cfg in (GemmConfig(16, 32, 4, 2, block_k=64, weight_a=True),
                 GemmConfig(32, 16, 4, 2, split_k=3, block_k=32, weight_a=True)):  # the weight-stationary kernel
-        y = w8a16_gemm_t(x, q.qweight, q.scales, cfg)
+        y = w8a16_gemm(x, q.qweight, q.scales, cfg)
         assert y.dtype == dtype and _err(y, ref) < TOL[dtype], cfg
 
 
@@ -215,6 +216,12 @@ def test_dispatch_buckets_and_candidates():
         assert small == {"gemv", "gemm", "dequant_mm"} and large == {"dequant_mm"}
         # split-K candidates never exceed the number of K steps
         assert all(p.config.split_k <= 4096 // 128 for p in dispatch.candidates(w, 16, 132) if p.config)
+        # the weight-stationary GEMM from M = 2 up, always as GemmConfig(weight_a=True)
+        mid = dispatch.candidates(w, 16, 132)
+        assert {p.kind for p in mid} == {"gemm", "gemm_t", "dequant_mm"}
+        assert all(p.config.weight_a == (p.kind == "gemm_t") for p in mid if p.config)
+    w4_g64 = dispatch.random_weight(Precision.W4, 4096, 4096, 64, torch.float16, "cpu")
+    assert "gemm_t" not in {p.kind for p in dispatch.candidates(w4_g64, 16, 132)}  # needs K >= 16 per product
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + DTYPES)

@@ -174,7 +174,7 @@ class GemmConfig:
     num_stages: int
     split_k: int = 1
     block_k: int = 0
-    weight_a: bool = False  # the weight-stationary kernels (``*_gemm_t``): the weight tile is the MMA's A operand
+    weight_a: bool = False  # the weight-stationary kernels (``*_gemm_t_kernel``, path name ``gemm_t``)
 
     @property
     def name(self) -> str:
@@ -443,8 +443,13 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                cfg: GemmConfig = GemmConfig(16, 128, 4, 3)) -> torch.Tensor:
-    """``x @ W.T`` with the tiled tensor-core kernel (one group of K per step, optional split-K)."""
+    """``x @ W.T`` with a tiled tensor-core kernel (one group of K per step, optional split-K): the
+    activation-stationary :func:`_w4_gemm_kernel`, or with ``cfg.weight_a`` the weight-stationary
+    :func:`_w4_gemm_t_kernel` (group size >= 128)."""
     m, n, k = _check_operands(x, qweight, scales, zeros, group_size)
+    if cfg.weight_a and group_size < 128:
+        raise ValueError(f"the weight-stationary W4 GEMM needs a group size >= 128 (K >= 16 per product), "
+                         f"got {group_size}")
     _check_block("block_m", cfg.block_m, 16)
     _check_block("block_n", cfg.block_n, 16)
     num_groups = k // group_size
@@ -459,10 +464,10 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if split > 1:
         ws.check(m, n, grid[0] * grid[1])
     mode, precision = _dot_mode(x.dtype)
-    _w4_gemm_kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0), num_groups,
-                          groups_per_split, split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          MODE=mode, DOT_PRECISION=precision, FENCE=not interpreting(), num_warps=cfg.num_warps,
-                          num_stages=cfg.num_stages)
+    kernel = _w4_gemm_t_kernel if cfg.weight_a else _w4_gemm_kernel
+    kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0), num_groups,
+                 groups_per_split, split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode,
+                 DOT_PRECISION=precision, FENCE=not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
@@ -515,34 +520,6 @@ def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     tile_id = pid_m * tl.num_programs(1) + pid_n
     store_tile_t(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
-
-
-def w4a16_gemm_t(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, cfg: GemmConfig = GemmConfig(16, 64, 4, 3, weight_a=True)) -> torch.Tensor:
-    """``x @ W.T`` with the weight-stationary tensor-core kernel (group size >= 128; optional split-K)."""
-    m, n, k = _check_operands(x, qweight, scales, zeros, group_size)
-    if group_size < 128:
-        raise ValueError(f"the weight-stationary W4 GEMM needs a group size >= 128 (K >= 16 per product), "
-                         f"got {group_size}")
-    _check_block("block_m", cfg.block_m, 16)
-    _check_block("block_n", cfg.block_n, 16)
-    num_groups = k // group_size
-    split = max(1, min(cfg.split_k, num_groups))
-    groups_per_split = triton.cdiv(num_groups, split)
-    split = triton.cdiv(num_groups, groups_per_split)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-    ws = splitk_workspace(x.device)  # passed even without split-K: the kernel's pointer types must not change
-    if split > 1:
-        ws.check(m, n, grid[0] * grid[1])
-    mode = 0 if x.dtype == torch.float16 else 1
-    _w4_gemm_t_kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0), num_groups,
-                            groups_per_split, split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                            MODE=mode, DOT_PRECISION=dot_precision(x.dtype), FENCE=not interpreting(),
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y
 
 
 # ---- dequantize + cuBLAS (large M) ----------------------------------------------------------------------------------

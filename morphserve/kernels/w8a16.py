@@ -29,7 +29,7 @@ import triton.language as tl
 
 from morphserve.kernels.w4a16 import (_CHUNK_ALIGN, _SUPPORTED_DTYPES, GemmConfig, GemvConfig, _check_block,
                                       _dot_mode, splitk_workspace, store_tile, store_tile_t)
-from morphserve.kernels.triton_support import dot_precision, interpreting
+from morphserve.kernels.triton_support import interpreting
 from morphserve.quant.packing import dequantize_w8
 
 W8_WORD = 4  # int8 codes per int32 word in the GEMV kernel's view
@@ -169,8 +169,9 @@ def _w8_gemm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                cfg: GemmConfig = GemmConfig(16, 128, 4, 3, block_k=128)) -> torch.Tensor:
-    """``x @ W.T`` with the tiled tensor-core kernel (``cfg.block_k`` input features per step, which must divide
-    K; optional split-K)."""
+    """``x @ W.T`` with a tiled tensor-core kernel (``cfg.block_k`` input features per step, which must divide
+    K; optional split-K): the activation-stationary :func:`_w8_gemm_kernel`, or with ``cfg.weight_a`` the
+    weight-stationary :func:`_w8_gemm_t_kernel`."""
     m, n, k = _check_operands(x, qweight, scales)
     _check_block("block_m", cfg.block_m, 16)
     _check_block("block_n", cfg.block_n, 16)
@@ -189,10 +190,10 @@ def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if split > 1:
         ws.check(m, n, grid[0] * grid[1])
     mode, precision = _dot_mode(x.dtype)
-    _w8_gemm_kernel[grid](x, qweight, scales, y, ws.partials, ws.counters, m, n, k, x.stride(0), steps_per_split, split,
-                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MODE=mode,
-                          DOT_PRECISION=precision, FENCE=not interpreting(), num_warps=cfg.num_warps,
-                          num_stages=cfg.num_stages)
+    kernel, extra = (_w8_gemm_t_kernel, {}) if cfg.weight_a else (_w8_gemm_kernel, {"MODE": mode})
+    kernel[grid](x, qweight, scales, y, ws.partials, ws.counters, m, n, k, x.stride(0), steps_per_split, split,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
+                 FENCE=not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return y
 
 
@@ -226,34 +227,6 @@ def _w8_gemm_t_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tile_id = pid_m * tl.num_programs(1) + pid_n
     store_tile_t(acc * s[:, None], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
-
-
-def w8a16_gemm_t(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                 cfg: GemmConfig = GemmConfig(16, 64, 4, 3, block_k=128, weight_a=True)) -> torch.Tensor:
-    """``x @ W.T`` with the weight-stationary tensor-core kernel (``cfg.block_k`` must divide K; optional
-    split-K)."""
-    m, n, k = _check_operands(x, qweight, scales)
-    _check_block("block_m", cfg.block_m, 16)
-    _check_block("block_n", cfg.block_n, 16)
-    _check_block("block_k", cfg.block_k, 16)
-    if k % cfg.block_k:
-        raise ValueError(f"block_k={cfg.block_k} must divide K={k}")
-    steps = k // cfg.block_k
-    split = max(1, min(cfg.split_k, steps))
-    steps_per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, steps_per_split)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-    ws = splitk_workspace(x.device)  # passed even without split-K: the kernel's pointer types must not change
-    if split > 1:
-        ws.check(m, n, grid[0] * grid[1])
-    _w8_gemm_t_kernel[grid](x, qweight, scales, y, ws.partials, ws.counters, m, n, k, x.stride(0), steps_per_split,
-                            split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                            DOT_PRECISION=dot_precision(x.dtype), FENCE=not interpreting(),
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y
 
 
 # ---- dequantize + cuBLAS (large M) ----------------------------------------------------------------------------------

@@ -134,9 +134,9 @@ def run_path(path: Path, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
             return w4a16.w4a16_dequant_mm(x, w.qweight, w.scales, w.zeros, w.group_size, scratch)
         return w8a16.w8a16_dequant_mm(x, w.qweight, w.scales, scratch)
     if w.precision is Precision.W4:
-        fn = {"gemv": w4a16.w4a16_gemv, "gemm": w4a16.w4a16_gemm, "gemm_t": w4a16.w4a16_gemm_t}[path.kind]
+        fn = w4a16.w4a16_gemv if path.kind == "gemv" else w4a16.w4a16_gemm  # gemm_t: GemmConfig.weight_a
         return fn(x, w.qweight, w.scales, w.zeros, w.group_size, path.config)
-    fn = {"gemv": w8a16.w8a16_gemv, "gemm": w8a16.w8a16_gemm, "gemm_t": w8a16.w8a16_gemm_t}[path.kind]
+    fn = w8a16.w8a16_gemv if path.kind == "gemv" else w8a16.w8a16_gemm
     return fn(x, w.qweight, w.scales, path.config)
 
 
@@ -218,16 +218,15 @@ def candidates(w: QuantWeight, m: int, num_sms: int) -> list[Path]:
             block_k = next(b for b in (128, 64, 32, 16) if k % b == 0) if k % 16 == 0 else 0
         if w.precision is Precision.W4 or block_k:
             max_split = k // (w.group_size if w.precision is Precision.W4 else block_k)
-            for bm, bn, warps, stages in tiles_for_m:
-                tiles = ((m + bm - 1) // bm) * ((n + bn - 1) // bn)
-                for s in _split_options("gemm", tiles, max_split, num_sms, m, n):
-                    out.append(Path("gemm", GemmConfig(bm, bn, warps, stages, s, block_k)))
-        t_tiles = next((t for bound, t in _GEMM_T_TILES[w.precision] if m <= bound), ())
-        if m >= _GEMM_T_MIN_M and (block_k or (w.precision is Precision.W4 and w.group_size >= 128)):
-            for bm, bn, warps, stages in t_tiles:
-                tiles = ((m + bm - 1) // bm) * ((n + bn - 1) // bn)
-                for s in _split_options("gemm", tiles, max_split, num_sms, m, n):
-                    out.append(Path("gemm_t", GemmConfig(bm, bn, warps, stages, s, block_k, weight_a=True)))
+            t_tiles = next((t for bound, t in _GEMM_T_TILES[w.precision] if m <= bound), ())
+            if m < _GEMM_T_MIN_M or (w.precision is Precision.W4 and w.group_size < 128):
+                t_tiles = ()
+            for kind, tile_set in (("gemm", tiles_for_m), ("gemm_t", t_tiles)):
+                for bm, bn, warps, stages in tile_set:
+                    tiles = ((m + bm - 1) // bm) * ((n + bn - 1) // bn)
+                    for s in _split_options("gemm", tiles, max_split, num_sms, m, n):
+                        out.append(Path(kind, GemmConfig(bm, bn, warps, stages, s, block_k,
+                                                         weight_a=kind == "gemm_t")))
     out.append(Path("dequant_mm"))
     return out
 
