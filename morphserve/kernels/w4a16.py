@@ -6,7 +6,7 @@ Computes ``y = x @ W.T`` for a weight stored in the engine's W4 layout (:mod:`mo
 ``x`` is ``[M, K]`` in float16, bfloat16 or float32; ``y`` is ``[M, N]`` in ``x``'s dtype; every path accumulates in
 float32.
 
-Three paths, each the fastest somewhere in M (:mod:`morphserve.quant.dispatch` times them per shape and batch size):
+Four paths, each the fastest somewhere in M (:mod:`morphserve.quant.dispatch` times them per shape and batch size):
 
 * :func:`w4a16_gemv` (decode, M of 1 to a few).  One program computes ``BLOCK_N`` outputs of one row of ``x`` over
   a range of groups (split-K).  No tensor cores, and no conversion instruction: the bits ``word & (15 << 4i)``
@@ -22,6 +22,9 @@ Three paths, each the fastest somewhere in M (:mod:`morphserve.quant.dispatch` t
   the codes become float16 *subnormals* by a bit cast (``code * 2**-24``, exact; tensor cores multiply subnormals
   exactly), so unpacking costs a shift and a mask per weight; the ``2**24`` is folded into the scale.
   bfloat16/float32 convert the integer code (exact).  Small M uses split-K to fill the GPU.
+* ``w4a16_gemm`` with ``GemmConfig(weight_a=True)`` (M from 2 to a few hundred, group size >= 128): the
+  weight-stationary :func:`_w4_gemm_t_kernel`, ``y.T = W x.T`` with the fully dequantized weight tile as the MMA's A
+  operand (registers on Hopper) and the batch as its N dimension.
 * :func:`w4a16_dequant_mm` (prefill, large M).  A Triton kernel writes ``W.T`` (``[K, N]``) into a scratch buffer in
   chunks of output columns, then cuBLAS multiplies.  Its dequantization is bit-identical to the reference.
 
@@ -482,7 +485,7 @@ def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     from shared memory).  The batch is the MMA's N dimension (16 to 256), so small M wastes nothing of the
     64-row MMA.  One group of ``G`` input features per step, as ``8`` products of ``K = G / 8``: product ``j``
     takes nibble ``j`` of the word tile (the codes of ``k = 8r + j``) and the matching strided rows of ``x.T``
-    (split in registers from the contiguously loaded activation tile: on an H200, 1.3x-2.3x faster than loading
+    (split in registers from the contiguously loaded activation tile: on an H200, 1.25x-2.3x faster than loading
     each strided set from memory, 2026-12-02).
     The tile is fully dequantized before the product, ``(q - z) * s`` rounded once to the model dtype (the
     reference's value): float16 builds ``1024 + q`` by OR-ing the code into the exponent bits of 1024

@@ -13,6 +13,8 @@ The per-channel scale is constant along K, so every path sums ``x_k q_k`` over a
 * :func:`w8a16_gemm` (mid M).  Tensor-core tiles.  For float16 the code becomes the *subnormal* float16
   ``(q + 128) * 2**-24`` by an add and a bit cast (exact); the offset is removed at the end with
   ``sum_k x_k (q_k + 128) = sum_k x_k q_k + 128 sum_k x_k``.  bfloat16/float32 convert the integer (exact).
+* ``w8a16_gemm`` with ``GemmConfig(weight_a=True)``: the weight-stationary :func:`_w8_gemm_t_kernel` (the codes
+  as the MMA's A operand, the batch as its N dimension; the fastest path at M = 32-128 on an H200).
 * :func:`w8a16_dequant_mm` (large M).  A Triton kernel writes ``W`` (``[N, K]``) into a scratch buffer in chunks of
   output rows, bit-identical to the reference, then cuBLAS multiplies.
 
