@@ -348,6 +348,8 @@ def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: P
         return out
     kvh = addr.num_kv_heads
     group = heads // kvh
+    # query rows per program: MHA's one row on the CUDA cores, or the group padded to 16 rows for the tensor cores
+    group_rows = 1 if group == 1 and not tuning.mha_dot else max(16, triton.next_power_of_2(group))
     if splits > 1:
         part_o = torch.empty((t, heads, splits, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((t, heads, splits), dtype=torch.float32, device=q.device)
@@ -358,8 +360,7 @@ def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: P
         q, out, part_o, part_lse, meta.context_lens, meta.block_tables, meta.block_tables.stride(0), addr.base,
         addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, scale * LOG2E, splits, H=heads,
         KVH=kvh, ELEM_BYTES=addr.elem_bytes,
-        GROUP=group, GROUP_P2=1 if group == 1 and not tuning.mha_dot else max(16, triton.next_power_of_2(group)), D=d,
-        BS=addr.block_size,
+        GROUP=group, GROUP_P2=group_rows, D=d, BS=addr.block_size,
         BLOCK_N=tuning.block_n, PREFETCH=tuning.prefetch, DTYPE=addr.dtype, DOT_PREC=dot_precision(q.dtype),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **opts)
     if splits > 1:

@@ -149,6 +149,19 @@ def _store_split(acc, y_ptr, ws_ptr, idx, mask, cnt_ptr, tile_id, split_k, FENCE
         tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The output tile of a GEMM program on the grid ``(M tiles, N tiles, K splits)``: ``(pid_m, pid_n, pid_k,
+    offs_m, offs_n, m_mask, n_mask)``.  M tiles vary fastest, so programs that share a weight tile run together
+    (L2 reuse)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, pid_n, pid_k, offs_m, offs_n, offs_m < M, offs_n < N
+
+
 # ---- configurations ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GemvConfig:
@@ -400,13 +413,7 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # B rows repeating the word rows with a different shift per repetition.
     KD: tl.constexpr = 16 if ROWS < 16 else ROWS
     P: tl.constexpr = KD // ROWS
-    pid_m = tl.program_id(0)  # fastest: programs that share a weight tile run together (L2 reuse)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    pid_m, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, GROUP)
     offs_c = tl.arange(0, KD)
     word_row = offs_c % ROWS
@@ -492,13 +499,7 @@ def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     (``0x6400``), subtracts ``1024 + z`` (exact) and multiplies by ``s`` (one rounding), so one float32
     accumulator runs over all of K with no per-group epilogue.  bfloat16/float32 convert the code."""
     ROWS: tl.constexpr = GROUP // 8  # int32 words per column per group = K of each product (>= 16)
-    pid_m = tl.program_id(0)  # fastest: programs that share a weight tile run together (L2 reuse)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    pid_m, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
     offs_k = tl.arange(0, GROUP)
     x_rows = x_ptr + offs_m[:, None] * stride_xm

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from morphserve.kernels.w4a16 import (_CHUNK_ALIGN, _SUPPORTED_DTYPES, GemmConfig, GemvConfig, _check_block,
-                                      _dot_mode, splitk_workspace, store_tile, store_tile_t)
+                                      _dot_mode, gemm_tile, splitk_workspace, store_tile, store_tile_t)
 from morphserve.kernels.triton_support import interpreting
 from morphserve.quant.packing import dequantize_w8
 
@@ -137,13 +137,7 @@ def _w8_gemm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, K, stride_xm, steps_per_split, split_k,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, FENCE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    pid_m, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = pid_k * steps_per_split * BLOCK_K  # a multiple of BLOCK_K the compiler can see (aligned loads)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -209,13 +203,7 @@ def _w8_gemm_t_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     codes, converted to the activation dtype (exact), are the MMA's A operand (registers on Hopper), the
     activations its B operand (shared memory), the batch its N dimension (see
     :func:`morphserve.kernels.w4a16._w4_gemm_t_kernel`)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    pid_m, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = pid_k * steps_per_split * BLOCK_K  # a multiple of BLOCK_K the compiler can see (aligned loads)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
