@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,14 +55,11 @@ def pinned_h2d_gbps(nbytes: int = 1 << 30, reps: int = 10) -> float:
     return nbytes / statistics.median(times[2:]) / 1e9
 
 
-def stage_layers(engine: LLMEngine, layers: list[int], quantized: list[int]) -> StagedVariants:
-    """W8 and W4 variants of ``quantized`` (every layer the branch graph forks at), FP16 bytes of ``layers`` (the
-    layers the benchmark swaps back up)."""
+def stage_layers(engine: LLMEngine, layers: list[int]) -> StagedVariants:
     staged = StagedVariants(engine.model.cfg, engine.model.dtype)
     builder = VariantBuilder(engine.model, "rtn")
-    for i in tqdm(sorted(set(layers) | set(quantized)), desc="staging variants", leave=False):
-        if i in layers:
-            staged.add_slot_bytes(i, engine.model.arena.slot(i))
+    for i in layers:
+        staged.add_slot_bytes(i, engine.model.arena.slot(i))
         for p in (P.W8, P.W4):
             staged.add(i, p, builder.layer(i, p))
     return staged
@@ -100,26 +96,18 @@ def _land(sw: LayerSwapper, layer: int, dst: Precision):
     return s
 
 
-class _NoSwap:
-    """Hooks that are always active and never swap: decode steps replay the swap path's graphs (the branch graph,
-    or the per-layer graphs when ``graphs.branching`` is off) without a swap.  The baseline that isolates the cost
-    of the swap itself from the cost of the swap path's graphs."""
+class _LayerwiseNoSwap:
+    """Hooks that are always active and do nothing: decode steps replay the per-layer graphs without a swap (the
+    baseline that isolates the cost of the swap itself from the cost of replaying layer by layer)."""
 
-    def __init__(self, swapper: LayerSwapper):
-        self.swapper = swapper
-        self.ready_flags, self.done_counts = swapper.ready_flags, swapper.done_counts
+    def __init__(self, arena):
+        self.arena = arena
 
     def active(self) -> bool:
         return True
 
     def step_precision(self, layer: int):
-        return self.swapper.precision(layer)
-
-    def variants(self, layer: int):
-        return self.swapper.variants(layer)
-
-    def graph_step(self):
-        return set(), set()
+        return self.arena.layers[layer].precision
 
     def before_layer(self, layer: int) -> None: ...
 
@@ -129,21 +117,21 @@ class _NoSwap:
 
 
 def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps: int = 24,
-                        branching: bool = True, bare_mib: tuple[int, ...] = ()) -> dict:
+                        bare_mib: tuple[int, ...] = ()) -> dict:
     """Steady decode of ``batch`` requests.  Per-step wall time: the host clock around ``engine.step()``, which
     returns once the step's sampled tokens are on the host (the copy stream is never synchronised, so a copy
     overlaps the steps as in serving).  Four settings on the same requests: no swap with the whole-step graph, no
     swap replaying the per-layer graphs, no swap eager, and one FP16<->W4 swap of a staged layer requested before
     every step (its copy overlaps that step and the next; such steps replay the per-layer graphs with the
-    swapper's hooks between them).  The graphs the swaps need are captured before timing.  ``branching``: swap
-    steps replay the branch graph (else the per-layer graphs); both paths are also timed without a swap."""
+    swapper's hooks between them).  The graphs the swaps need are captured before timing.  Every timed block
+    starts on a fresh batch at ``context`` (see ``fresh``)."""
     sw = LayerSwapper(engine.model.arena, staged, engine.device)
     rng = np.random.default_rng(0)
 
     def fresh():
-        """Every timed block starts on a new batch prefilled to ``context`` (injected: random K/V): attention's
-        cost grows with the context, and a run of a few hundred steps would otherwise compare blocks measured
-        hundreds of tokens apart (the first runs of this benchmark did, which inflated every later ratio)."""
+        """A new batch prefilled to ``context`` (injected: random K/V).  Attention's cost grows with the context,
+        and a run of a few hundred steps on one batch compared blocks measured hundreds of tokens apart: the
+        campaigns before 2026-12-02 (4th) did, which inflated every ratio against the first block."""
         for r in list(engine.scheduler.running) + list(engine.scheduler.waiting):
             engine.abort(r.request_id)
         inject_decoding(engine, batch, context, rng)
@@ -151,18 +139,12 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     fresh()
     engine.step()
     graphs = engine.runner.graphs
-    graphs.branching = branching
     b = graphs.bucket_for(batch)
     for i in range(engine.model.cfg.num_layers):
         graphs.capture_layer(i, P.FP16, b)
     for i in layers:
         graphs.capture_layer(i, P.W4, b)
         graphs.capture_layer(i, P.W8, b)
-    t = time.perf_counter()
-    bg = graphs.branch_graph(b, sw)
-    torch.cuda.synchronize()
-    branch_capture_ms = 1e3 * (time.perf_counter() - t)
-    branch_nodes = sum(len(v) for v in bg.branches.values())
 
     def timed(n, before=None) -> list[float]:
         fresh()
@@ -183,12 +165,8 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     base_graph = timed(steps)
     base_device = runner.timing.device_forward[2:]
     runner.timing = None
-    runner.hooks = _NoSwap(sw)
-    graphs.branching = False
+    runner.hooks = _LayerwiseNoSwap(engine.model.arena)
     base_layerwise = timed(steps)
-    graphs.branching = True
-    base_branch = timed(steps)
-    graphs.branching = branching
     runner.hooks = None
     runner.graphs = None
     base_eager = timed(steps)
@@ -202,7 +180,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
 
     runner.after_launch = issue_and_poll
     cycle = [(layers[k % len(layers)], P.W4 if (k // len(layers)) % 2 == 0 else P.FP16) for k in range(steps + 2)]
-    layerwise0, branched0 = graphs.num_layerwise_steps, graphs.num_branched_steps
+    layerwise0 = graphs.num_layerwise_steps
 
     def swap_each_step(k):
         layer, dst = cycle[k]
@@ -215,7 +193,6 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     swap_device = runner.timing.device_forward[2:]
     runner.timing = None
     swap_layerwise = graphs.num_layerwise_steps - layerwise0
-    swap_branched = graphs.num_branched_steps - branched0
     while sw.active():  # let the last swaps land
         engine.step()
     # one swap at a time: every step from its request until it has landed (tail, head, switch), per transition.
@@ -249,7 +226,6 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
                            "max_vs_graph": max(during) / statistics.median(base_graph),
                            "src_map_graph_ms": src_ms, "dst_map_graph_ms": dst_ms,
                            "max_vs_maps": 1e3 * max(during) / max(src_ms, dst_ms),
-                           "max_vs_branch_fp16": max(during) / statistics.median(base_branch),
                            "step_ms": [1e3 * x for x in during], "device_ms": [1e3 * x for x in dev]})
     # the same whole-graph steps with a bare host-to-device copy of a layer's size in flight on a side stream (no
     # swap logic at all): separates interference of the copy itself from the cost of the swap machinery
@@ -267,7 +243,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
 
     runner.hooks = runner.after_launch = None
     by_size = []
-    for mib in bare_mib:  # smaller copies each step: does the interference scale with the bytes copied per step?
+    for mib in bare_mib:  # smaller copies: does an effect scale with the bytes copied per step?
         nb = min(mib << 20, host.numel())
 
         def sized(k, nb=nb):
@@ -301,13 +277,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     med = statistics.median
     return {"batch": batch, "context": context, "steps": steps,
             "no_swap_graph_ms": 1e3 * med(base_graph),
-            "swap_path": "branch graph" if branching else "per-layer graphs",
             "no_swap_layerwise_ms": 1e3 * med(base_layerwise),
-            "no_swap_branch_ms": 1e3 * med(base_branch),
-            "ratio_branch_vs_graph": med(base_branch) / med(base_graph),
-            "branch_capture_ms": branch_capture_ms, "branch_toggle_nodes": branch_nodes,
-            "branch_toggles_total": bg.toggles,
-            "swap_steps_branched": swap_branched,
             "no_swap_eager_ms": 1e3 * med(base_eager),
             "swapping_ms": 1e3 * med(swapping),
             "swapping_mean_ms": 1e3 * statistics.fmean(swapping),
@@ -385,15 +355,12 @@ def kv_capacity(model: str) -> list[dict]:
 def run_model(name: str, h2d: float, args) -> dict:
     engine = LLMEngine(EngineConfig(model=name, device="cuda", dtype="float16", num_kv_blocks=args.kv_blocks,
                                     max_num_seqs=max(args.batch, 8)))
-    n = engine.model.cfg.num_layers
-    layers = [0, n // 2, n - 1]
-    staged = stage_layers(engine, layers, list(range(n)) if args.stage_all else layers)
+    layers = [0, engine.model.cfg.num_layers // 2, engine.model.cfg.num_layers - 1]
+    staged = stage_layers(engine, layers)
     out = {"model": name, "synthetic_weights": engine.synthetic_weights,
            "slot_bytes": engine.model.arena.slot_bytes,
            "swaps": swap_times(engine, staged, layers, h2d)}
-    out["staged_quantized_layers"] = n if args.stage_all else len(layers)
     out["decode_during_swaps"] = [decode_during_swaps(engine, staged, layers, b, args.context,
-                                                      branching=args.swap_path == "branch",
                                                       bare_mib=tuple(args.bare_copy_mib)) for b in args.batch_sizes]
     out["segment"] = segment_ops(engine, staged, layers[1])
     out["kv_capacity_24GB"] = kv_capacity(name)
@@ -410,17 +377,15 @@ def markdown(res: dict) -> str:
         for r in m["swaps"]:
             lines.append(f"| {r['transition']} | {r['bytes'] / 1e6:.1f} MB | {r['median_ms']:.2f} | {r['gbps']:.1f} | "
                          f"{r['fraction_of_pinned_h2d']:.0%} |")
-        lines += ["", "| batch | context | swap path | no swap, graph (ms) | no swap, per-layer graphs (ms) | "
-                      "no swap, branch graph (ms) | no swap, eager (ms) | swap every step, median (mean, max) ms | "
-                      "vs graph (median, mean) | per-layer vs whole graph | branch vs whole graph |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| batch | context | no swap, graph (ms) | no swap, per-layer graphs (ms) | no swap, eager (ms) | "
+                      "swap every step, median (mean, max) ms | vs graph (median, mean) | vs per-layer graphs | "
+                      "per-layer vs whole graph |", "|---|---|---|---|---|---|---|---|---|"]
         for d in m["decode_during_swaps"]:
-            lines.append(f"| {d['batch']} | {d['context']} | {d['swap_path']} | {d['no_swap_graph_ms']:.2f} | "
-                         f"{d['no_swap_layerwise_ms']:.2f} | {d['no_swap_branch_ms']:.2f} | "
-                         f"{d['no_swap_eager_ms']:.2f} | {d['swapping_ms']:.2f} "
+            lines.append(f"| {d['batch']} | {d['context']} | {d['no_swap_graph_ms']:.2f} | "
+                         f"{d['no_swap_layerwise_ms']:.2f} | {d['no_swap_eager_ms']:.2f} | {d['swapping_ms']:.2f} "
                          f"({d['swapping_mean_ms']:.2f}, {d['swapping_max_ms']:.2f}) | {d['ratio_vs_graph']:.3f}x, "
-                         f"{d['ratio_mean_vs_graph']:.3f}x | {d['ratio_layerwise_vs_graph']:.3f}x | "
-                         f"{d['ratio_branch_vs_graph']:.3f}x |")
+                         f"{d['ratio_mean_vs_graph']:.3f}x | {d['ratio_vs_layerwise']:.3f}x | "
+                         f"{d['ratio_layerwise_vs_graph']:.3f}x |")
         lines += ["", "| batch | no swap, graph: wall / device (ms) | bare layer-sized H2D copy in flight each step: "
                       "wall / device (ms) | ratio | the same copy in 16 MiB pieces: wall / device (ms) | ratio |",
                   "|---|---|---|---|---|---|"]
@@ -429,9 +394,9 @@ def markdown(res: dict) -> str:
                          f"{d['bare_copy_each_step_ms']:.2f} / {d['bare_copy_device_ms']:.2f} | "
                          f"{d['bare_copy_vs_graph']:.3f}x | {d['bare_chunked_copy_each_step_ms']:.2f} / "
                          f"{d['bare_chunked_copy_device_ms']:.2f} | {d['bare_chunked_copy_vs_graph']:.3f}x |")
-        lines += ["", "Bare copies of other sizes before each step (batch: MiB -> wall ms, device ms, ratio): " + "; ".join(
-            f"b{d['batch']}: " + ", ".join(f"{x['mib']:.0f} -> {x['ms']:.2f}, {x['device_ms']:.2f}, {x['vs_graph']:.3f}x"
-                                           for x in d.get("bare_copy_by_size", []))
+        lines += ["", "Bare copies of other sizes before each step (MiB: wall ms, device ms, ratio): " + "; ".join(
+            f"batch {d['batch']}: " + ", ".join(f"{x['mib']:.0f}: {x['ms']:.2f}, {x['device_ms']:.2f}, {x['vs_graph']:.3f}x"
+                                               for x in d.get("bare_copy_by_size", []))
             for d in m["decode_during_swaps"])]
         lines += ["", "One swap at a time (every step from its request until it landed; worst step over the staged "
                       "layers, against the no-swap whole-graph step at FP16, and against the slower of the "
@@ -467,12 +432,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--kv-blocks", type=int, default=3072,
                     help="KV pool blocks (batch 32 at context 512 with the run's 544 output tokens needs 2112 on the 7B)")
-    ap.add_argument("--swap-path", choices=["branch", "layerwise"], default="branch",
-                    help="what swap steps replay: the branch graph, or the per-layer graphs")
-    ap.add_argument("--stage-all", action=argparse.BooleanOptionalAction, default=True,
-                    help="stage W8/W4 variants of every layer (the branch graph forks at each), not only the three "
-                         "the benchmark swaps")
-    ap.add_argument("--bare-copy-mib", type=int, nargs="*", default=[16, 64, 128],
+    ap.add_argument("--bare-copy-mib", type=int, nargs="*", default=[16, 128],
                     help="also time steps with a bare host-to-device copy of this many MiB issued before each")
     ap.add_argument("--source-commit", default=None, help="the commit of the tree (the box's git metadata is stale)")
     ap.add_argument("--out", default="benchmarks/results/morph.json")

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Why a host-to-device copy on a side stream slows a decode step (issue #5, on a GPU).
+"""Does a host-to-device copy on a side stream slow a decode step?  (issue #5, on a GPU)
 
-``bench_morph.py`` measured on an H200 (2026-12-02) that a bare copy of only 16 MiB, issued on a side stream before
-each decode step of Llama-2-7B (synthetic weights, context 512), stretched the step's device time by 8% at batch 8
-and 19% at batch 32: far more than the copy's own 0.3 ms.  This probe profiles the same steps (``engine.step()``,
-whole-step CUDA graph) with and without such a copy and reports, per kernel name, the device time per step, and
-the gaps: the device window of the step minus the time its kernels ran.
+``bench_morph.py`` once measured on an H200 that a bare copy of only 16 MiB, issued on a side stream before each
+decode step of Llama-2-7B (synthetic weights, context 512), stretched the step by 8% at batch 8 and 19% at batch
+32: far more than the copy's own 0.3 ms.  This probe times and profiles steps (``engine.step()``, whole-step CUDA
+graph) on one freshly injected batch, without a copy, with copies of ``--copy-mib`` before each step, and without
+again, and reports the wall and device time per step and the device time per kernel name.  On an H200
+(2026-12-02, ``BENCHMARKS.md``) the copies changed nothing measurable: the benchmark's figure came from the
+context growing between its timed blocks, which ``bench_morph.py`` no longer lets happen.
 
     MORPHSERVE_DATA_MIRROR=... python3 benchmarks/probe_copy_interference.py --batch 32 --out probe.json
 """

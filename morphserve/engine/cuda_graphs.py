@@ -58,7 +58,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from morphserve.engine.branch_graphs import BranchGraph, capture_branch_graph
 from morphserve.memory.kv_pool import KVPool
 from morphserve.model.kernel_set import KernelSet
 from morphserve.model.llama import ForwardBatch, LlamaModel
@@ -137,12 +136,6 @@ class DecodeGraphs:
         self._steady_steps = 0
         self.num_layer_captures = 0
         self.num_layerwise_steps = 0
-        # branch graphs (module morphserve.engine.branch_graphs): steps with swaps replay one graph per bucket
-        self.branching = True
-        self.branch_graphs: dict[int, BranchGraph] = {}
-        self.brancher: Any = None  # the swapper whose variants and flags the branch graphs use
-        self.num_branch_captures = 0
-        self.num_branched_steps = 0
 
     # ---- layout ---------------------------------------------------------------------------------------------
     def bucket_for(self, num_seqs: int) -> int | None:
@@ -208,15 +201,12 @@ class DecodeGraphs:
         self.num_captures += 1
         return per_map[b]
 
-    def _fresh_pool(self) -> None:
-        if not any(self.graphs.values()) and not self.layer_graphs and not self.branch_graphs:
-            # PyTorch frees a private graph pool once no graph uses it; capturing into a freed pool's handle fails
-            self.mempool = torch.cuda.graph_pool_handle()
-
     def _capture_fn(self, fn) -> tuple[torch.cuda.CUDAGraph, Any]:
         """Warm ``fn`` up outside a capture (compiles the Triton kernels and initialises cuBLAS for these shapes),
         then capture it into the shared pool; returns the graph and ``fn``'s output."""
-        self._fresh_pool()
+        if not any(self.graphs.values()) and not self.layer_graphs:
+            # PyTorch frees a private graph pool once no graph uses it; capturing into a freed pool's handle fails
+            self.mempool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -238,10 +228,9 @@ class DecodeGraphs:
                                                torch.zeros_like(x))
         return st
 
-    def _layer_step(self, i: int, st: _LayerStage, head: bool = True) -> torch.Tensor | None:
-        """Layer ``i`` of a decode step on the bucket's static buffers (what a layer graph replays; the last layer
-        also computes the logits when ``head``, else leaves its output in ``st.x`` like the others)."""
-        m, last = self.model, head and i == self.model.cfg.num_layers - 1
+    def _layer_step(self, i: int, st: _LayerStage) -> torch.Tensor | None:
+        """Layer ``i`` of a decode step on the bucket's static buffers (what a layer graph replays)."""
+        m, last = self.model, i == self.model.cfg.num_layers - 1
         with self.kernels.linear_scope():
             if i == 0:
                 st.residual.copy_(m.embed[st.batch.token_ids])
@@ -304,39 +293,10 @@ class DecodeGraphs:
         self.num_layerwise_steps += 1
         return graphs[-1].logits[:s]
 
-    # ---- branch graphs --------------------------------------------------------------------------------------
-    def branch_graph(self, b: int, hooks) -> BranchGraph:
-        """Bucket ``b``'s branch graph for the variants and flags of ``hooks`` (the layer swapper), captured if it
-        does not exist yet or was captured for other variants or flags."""
-        variants = tuple(hooks.variants(i) for i in range(self.model.cfg.num_layers))
-        flags = (hooks.ready_flags.data_ptr(), hooks.done_counts.data_ptr())
-        bg = self.branch_graphs.get(b)
-        if bg is None or bg.variants != variants or bg.flags != flags:
-            self.branch_graphs.pop(b, None)
-            bg = self.branch_graphs[b] = capture_branch_graph(self, b, variants, hooks.ready_flags,
-                                                              hooks.done_counts)
-            self.num_branch_captures += 1
-        return bg
-
-    def run_branched(self, hb: "HostBatch", hooks) -> torch.Tensor:
-        """Logits ``[S, vocab]`` of a decode step by one launch of the bucket's branch graph, with the branches of
-        this step's precisions enabled and the swap protocol's gates and done counters where ``hooks`` (the layer
-        swapper) needs them (see :mod:`morphserve.engine.branch_graphs`)."""
-        s, b = hb.num_seqs, self.bucket_for(hb.num_seqs)
-        bg = self.branch_graph(b, hooks)
-        gates, dones = hooks.graph_step()  # switches the layers whose copies were issued
-        self._upload(hb, b)
-        bg.apply(list(self.precision_key()), gates, dones)
-        bg.graph.replay()
-        self.num_replays += 1
-        self.num_branched_steps += 1
-        return bg.logits[:s]
-
     def clear(self) -> None:
         """Drop every captured graph (they are recaptured on demand, e.g. after kernels' launch options changed)."""
         self.graphs.clear()
         self.layer_graphs.clear()
-        self.branch_graphs.clear()
         self._stages.clear()
         self.mempool = torch.cuda.graph_pool_handle()
 
@@ -368,9 +328,6 @@ class DecodeGraphs:
                              f"table width {hb.tables.shape[1]} > {self.width}?)")
         if hooks is not None:
             self._steady_key = None
-            if self.branching and hasattr(hooks, "graph_step"):
-                self.brancher = hooks
-                return self.run_branched(hb, hooks)
             return self.run_layerwise(hb, hooks)
         s = hb.num_seqs
         b = self.bucket_for(s)
@@ -380,8 +337,6 @@ class DecodeGraphs:
         self._steady_steps += 1
         per_map = self.graphs.get(key)
         if (per_map is None or b not in per_map) and self._steady_steps <= self.full_capture_after:
-            if self.branching and self.brancher is not None:
-                return self.run_branched(hb, self.brancher)
             return self.run_layerwise(hb)
         g = self.capture(b)
         self._upload(hb, b)

@@ -194,7 +194,6 @@ class LLMEngine:
             # has been steady for a while (its steps replay the per-layer graphs until then)
             dynamic = morpher is not None and morpher.controller is not None
             self.runner.graphs.full_capture_after = FULL_CAPTURE_AFTER if dynamic else 0
-            self.runner.graphs.brancher = None  # the next swap step names the swapper the branch graphs use
 
     def idle_tick(self) -> None:
         """Let the morpher observe an idle engine (so layers are restored once load is gone)."""

@@ -57,7 +57,6 @@ class Swap:
     fence: torch.cuda.Event | None = field(default=None, repr=False)  # the copy waits for this
     tail_ready: torch.cuda.Event | None = field(default=None, repr=False)  # a growing swap's tail part has landed
     ready: torch.cuda.Event | None = field(default=None, repr=False)  # recorded when the copy is done
-    fence_count: int | None = None  # the copy also waits for the layer's done counter to reach this (graph steps)
     issued_at: float | None = None  # host clock when the copy was enqueued
     done_at: float | None = None
     copy_events: tuple | None = field(default=None, repr=False)  # (start, end) on the copy stream, when timed
@@ -92,33 +91,11 @@ class LayerSwapper:
         self.arena = arena
         self.staged = staged
         self.device = torch.device(device)
-        # high priority: the copy stream's small kernels (the flag waits and writes of the swap protocol) are
-        # scheduled ahead of the decode step's pending blocks instead of waiting for a gap between its kernels
-        self.copy_stream = torch.cuda.Stream(device=self.device, priority=-1) if self.device.type == "cuda" else None
+        self.copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self.time_copies = time_copies and self.copy_stream is not None
         self.swaps: dict[int, Swap] = {}  # at most one queued or in-flight swap per layer
         self.completed: list[Swap] = []
         self.bytes_copied = 0
-        if self.copy_stream is not None:
-            # the swap protocol of steps replayed as one graph (morphserve.kernels.stream_flags): per layer, a flag
-            # the copy stream sets once the layer's copy has landed (consumed by the step that switches the layer)
-            # and a counter the graph increments after the layer in a step whose swap of it is queued
-            n = arena.cfg.num_layers
-            self.ready_flags = torch.zeros(n, dtype=torch.int32, device=self.device)
-            self.done_counts = torch.zeros(n, dtype=torch.int32, device=self.device)
-            self._done_expected = [0] * n
-            # load every kernel of the protocol now: with CUDA's lazy loading, the first launch of a kernel may
-            # wait for the whole device, which must never happen while a flag wait spins
-            from morphserve.kernels.stream_flags import wait_at_least, wait_flag
-
-            self.ready_flags[:1].fill_(1)
-            wait_flag(self.ready_flags[:1])
-            self.done_counts[:1].add_(0)
-            wait_at_least(self.done_counts[:1], 0)
-            with torch.cuda.stream(self.copy_stream):
-                self.ready_flags[:1].fill_(0)
-                wait_at_least(self.done_counts[:1], 0)
-            self.copy_stream.synchronize()
 
     # ---- control plane API ----------------------------------------------------------------------------------
     def precision(self, layer: int) -> Precision:
@@ -217,7 +194,6 @@ class LayerSwapper:
             return
         if s.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(s.ready)
-            self.ready_flags[layer:layer + 1].zero_()  # consume the flag (a graph step's gate would have)
         self.arena.set_precision(layer, s.dst)
         s.switched = True
 
@@ -227,30 +203,6 @@ class LayerSwapper:
         s = self.swaps.get(layer)
         if s is not None and s.fence is not None and s.state is SwapState.QUEUED:
             s.fence.record(torch.cuda.current_stream(self.device))
-            s.fence_count = None  # this record is later than any graph step's count
-
-    def variants(self, layer: int) -> tuple[Precision, ...]:
-        """The precisions ``layer`` can run at: its current one and every staged variant (branch graphs)."""
-        have = {p for (i, p) in self.staged.buffers if i == layer} | {self.precision(layer)}
-        return tuple(p for p in Precision if p in have)
-
-    def graph_step(self) -> tuple[set[int], set[int]]:
-        """For a decode step launched as one graph (:mod:`morphserve.engine.branch_graphs`), what
-        :meth:`before_layer` and :meth:`after_layer` do in an eager step: switches every layer whose copy was issued
-        to its new precision and returns ``(gates, dones)``: the layers whose copy's ``ready`` flag the step must
-        wait for (before the layer) and the layers whose ``done`` counter it must increment (after the layer; the
-        queued copy then waits for that count).  Call right before launching the step."""
-        gates, dones = set(), set()
-        for layer, s in self.swaps.items():
-            if s.state is SwapState.COPYING and not s.switched:
-                self.arena.set_precision(layer, s.dst)
-                s.switched = True
-                gates.add(layer)
-            elif s.state is SwapState.QUEUED:
-                self._done_expected[layer] += 1
-                s.fence_count = self._done_expected[layer]
-                dones.add(layer)
-        return gates, dones
 
     def after_step(self) -> None:
         """Forward hook at the end of a step (nothing to do: every copy is fenced per layer)."""
@@ -273,19 +225,14 @@ class LayerSwapper:
             else:
                 # a growing swap's head: the bytes over the current variant (its tail has landed already)
                 n = layout_for(s.src, self.arena.cfg, self.arena.dtype).nbytes if s.grows else buf.numel()
-                from morphserve.kernels.stream_flags import wait_at_least  # Triton, GPU only
-
                 with torch.cuda.stream(self.copy_stream):
                     self.copy_stream.wait_event(s.fence)
-                    if s.fence_count is not None:  # a graph step read the layer after the fence was recorded
-                        wait_at_least(self.done_counts[s.layer:s.layer + 1], s.fence_count)
                     if self.time_copies:
                         s.copy_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                         s.copy_events[0].record(self.copy_stream)
                     chunked_copy(slot[:n], buf[:n])
                     if self.time_copies:
                         s.copy_events[1].record(self.copy_stream)
-                    self.ready_flags[s.layer:s.layer + 1].fill_(1)
                     s.ready = torch.cuda.Event()
                     s.ready.record(self.copy_stream)
                 s.state = SwapState.COPYING

@@ -357,9 +357,10 @@ def autotune(w: QuantWeight, dtype: torch.dtype, bucket: int, timer: Timer | Non
     props = torch.cuda.get_device_properties(device)
     ref = run_path(Path("dequant_mm"), x, w)
     if not bool(torch.isfinite(ref).all()):
-        # the slot does not hold this variant's bytes (a graph of every precision is warmed up and captured before
-        # any swap; see morphserve.engine.branch_graphs): the kernels' speed does not depend on the values, so tune
-        # on the same tensors with finite scales (and zero points), which makes the correctness check meaningful
+        # the slot does not hold this variant's bytes yet (a layer graph at the swap's new precision is warmed up
+        # and captured before the copy lands; morphserve.engine.cuda_graphs): the kernels' speed does not depend on
+        # the values, so tune on the same tensors with finite scales and zero points, which keeps the correctness
+        # check meaningful
         w = replace(w, scales=torch.full_like(w.scales, 2.0**-8),
                                 zeros=None if w.zeros is None else torch.zeros_like(w.zeros))
         ref = run_path(Path("dequant_mm"), x, w)
