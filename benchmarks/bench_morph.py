@@ -130,8 +130,8 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
 
     def fresh():
         """A new batch prefilled to ``context`` (injected: random K/V).  Attention's cost grows with the context,
-        and a run of a few hundred steps on one batch compared blocks measured hundreds of tokens apart: the
-        campaigns before 2026-12-02 (4th) did, which inflated every ratio against the first block."""
+        and a run of a few hundred steps on one batch compared blocks measured hundreds of tokens apart (the
+        campaigns before the fourth, 2026-12-02, did, which inflated every ratio against the first block)."""
         for r in list(engine.scheduler.running) + list(engine.scheduler.waiting):
             engine.abort(r.request_id)
         inject_decoding(engine, batch, context, rng)

@@ -28,7 +28,6 @@ two streams.
 
 from __future__ import annotations
 
-
 import logging
 import statistics
 from dataclasses import asdict, dataclass, field, replace
@@ -362,7 +361,7 @@ def autotune(w: QuantWeight, dtype: torch.dtype, bucket: int, timer: Timer | Non
         # the values, so tune on the same tensors with finite scales and zero points, which keeps the correctness
         # check meaningful
         w = replace(w, scales=torch.full_like(w.scales, 2.0**-8),
-                                zeros=None if w.zeros is None else torch.zeros_like(w.zeros))
+                    zeros=None if w.zeros is None else torch.zeros_like(w.zeros))
         ref = run_path(Path("dequant_mm"), x, w)
     times: dict[str, float] = {}
     failed: dict[str, str] = {}
