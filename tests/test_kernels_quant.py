@@ -297,7 +297,7 @@ def test_autotune_picks_the_fastest_correct_candidate_and_is_used():
 @pytest.mark.parametrize("prec,g", [(Precision.W4, 128), (Precision.W8, 0)])
 def test_autotune_on_bytes_that_are_not_the_variant_yet(prec, g):
     """A layer graph at a swap's new precision is warmed up before the copy lands: the slot's bytes read as this
-    layout give non-finite scales.  Tuning must still find a correct path (it tunes on finite scales)."""
+    layout give non-finite scales.  Tuning must still find a correct path (on a well-formed weight of the shape)."""
     dispatch.clear_table()
     w = dispatch.random_weight(prec, 1024, 2048, g, torch.float16, DEV)
     w.scales.fill_(float("nan"))

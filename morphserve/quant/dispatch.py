@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -218,9 +218,8 @@ def candidates(w: QuantWeight, m: int, num_sms: int) -> list[Path]:
             block_k = next(b for b in (128, 64, 32, 16) if k % b == 0) if k % 16 == 0 else 0
         if w.precision is Precision.W4 or block_k:
             max_split = k // (w.group_size if w.precision is Precision.W4 else block_k)
-            t_tiles = next((t for bound, t in _GEMM_T_TILES[w.precision] if m <= bound), ())
-            if m < _GEMM_T_MIN_M or (w.precision is Precision.W4 and w.group_size < 128):
-                t_tiles = ()
+            weight_a_ok = m >= _GEMM_T_MIN_M and not (w.precision is Precision.W4 and w.group_size < 128)
+            t_tiles = next((t for bound, t in _GEMM_T_TILES[w.precision] if m <= bound), ()) if weight_a_ok else ()
             for kind, tile_set in (("gemm", tiles_for_m), ("gemm_t", t_tiles)):
                 for bm, bn, warps, stages in tile_set:
                     tiles = ((m + bm - 1) // bm) * ((n + bn - 1) // bn)
@@ -358,10 +357,8 @@ def autotune(w: QuantWeight, dtype: torch.dtype, bucket: int, timer: Timer | Non
     if not bool(torch.isfinite(ref).all()):
         # the slot does not hold this variant's bytes yet (a layer graph at the swap's new precision is warmed up
         # and captured before the copy lands; morphserve.engine.cuda_graphs): the kernels' speed does not depend on
-        # the values, so tune on the same tensors with finite scales and zero points, which keeps the correctness
-        # check meaningful
-        w = replace(w, scales=torch.full_like(w.scales, 2.0**-8),
-                    zeros=None if w.zeros is None else torch.zeros_like(w.zeros))
+        # the values, so tune on a well-formed weight of the same shape, which keeps the correctness check meaningful
+        w = random_weight(w.precision, w.n, w.k, w.group_size, w.scales.dtype, device)
         ref = run_path(Path("dequant_mm"), x, w)
     times: dict[str, float] = {}
     failed: dict[str, str] = {}
