@@ -47,7 +47,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from morphserve.kernels.triton_support import dot_precision, interpreting
+from morphserve.kernels.pdl import pdl_trigger, pdl_wait
+from morphserve.kernels.triton_support import dot_precision, interpreting, launch_options
 from morphserve.quant.packing import W4_PACK, dequantize_w4
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -257,7 +258,8 @@ def _w4_code_times_x(w, xj, j: tl.constexpr):
 def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, stride_xm, num_groups, groups_per_split, split_k,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_STEP: tl.constexpr,
-                    FENCE: tl.constexpr):
+                    FENCE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     ROWS: tl.constexpr = GROUP // 8  # int32 words per column per group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -299,6 +301,7 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         acc += s * (xq * (2.0 ** 49) - z * tl.sum(xsum, axis=0))
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
+    pdl_trigger(USE_PDL)
     store_tile(acc[None, :], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
 
 
@@ -306,7 +309,7 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
 def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                               M, N, stride_xm, num_groups, groups_per_split, split_k,
                               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_STEP: tl.constexpr,
-                              STAGES: tl.constexpr, FENCE: tl.constexpr):
+                              STAGES: tl.constexpr, FENCE: tl.constexpr, USE_PDL: tl.constexpr):
     """The GEMV as one flat loop over steps of ``ROWS_STEP`` word rows, every load inside the loop: Triton's
     software pipeliner (``num_stages``) then keeps several steps of words in flight through shared memory instead
     of registers, so occupancy is not limited by prefetched words (a loop without a dot is pipelined only when its
@@ -314,6 +317,7 @@ def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_pt
     :func:`_w4_gemv_kernel`; the zero/scale correction is applied per step (``ROWS_STEP`` rows lie in one group).
     Measured on an H200 (2026-12-02, BENCHMARKS.md): faster than the register-prefetch kernel on the large
     7B/8B shapes at M = 1 (e.g. 28672 x 4096: 27 us against 29-33 us), not on 4096 x 4096."""
+    pdl_wait(USE_PDL)
     ROWS: tl.constexpr = GROUP // 8
     STEPS: tl.constexpr = ROWS // ROWS_STEP  # steps per group
     pid_n = tl.program_id(0)
@@ -342,6 +346,7 @@ def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_pt
         acc += s * (tl.sum(d, axis=0) * (2.0 ** 49) - z * tl.sum(xs, axis=0))
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
+    pdl_trigger(USE_PDL)
     store_tile(acc[None, :], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
 
 
@@ -367,12 +372,12 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         _w4_gemv_pipelined_kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0),
                                         num_groups, groups_per_split, split, GROUP=group_size, BLOCK_N=cfg.block_n,
                                         ROWS_STEP=rows_step, STAGES=cfg.stages, FENCE=not interpreting(),
-                                        num_warps=cfg.num_warps)
+                                        num_warps=cfg.num_warps, **launch_options(x.device))
         return y
     _w4_gemv_kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0), num_groups,
                           groups_per_split, split, GROUP=group_size, BLOCK_N=cfg.block_n,
                           ROWS_STEP=min(8, group_size // W4_PACK), FENCE=not interpreting(),
-                          num_warps=cfg.num_warps, num_stages=1)
+                          num_warps=cfg.num_warps, num_stages=1, **launch_options(x.device))
     return y
 
 
@@ -407,7 +412,8 @@ def _w4_dot_position(d, a_j, w, j, MODE: tl.constexpr, DOT_PRECISION: tl.constex
 def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, stride_xm, num_groups, groups_per_split, split_k,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, FENCE: tl.constexpr):
+                    MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, FENCE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     ROWS: tl.constexpr = GROUP // 8  # int32 words per column per group
     # Each tensor-core product needs K >= 16: below G = 128 one product covers P = 16 // ROWS code positions, its
     # B rows repeating the word rows with a different shift per repetition.
@@ -448,6 +454,7 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             s_dot = s
         acc += d * s_dot[None, :] - xsum[:, None] * (z * s)[None, :]
     tile_id = pid_m * tl.num_programs(1) + pid_n
+    pdl_trigger(USE_PDL)
     store_tile(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
 
 
@@ -477,7 +484,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     kernel = _w4_gemm_t_kernel if cfg.weight_a else _w4_gemm_kernel
     kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0), num_groups,
                  groups_per_split, split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=mode,
-                 DOT_PRECISION=precision, FENCE=not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                 DOT_PRECISION=precision, FENCE=not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                 **launch_options(x.device))
     return y
 
 
@@ -486,7 +494,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                       M, N, stride_xm, num_groups, groups_per_split, split_k,
                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, FENCE: tl.constexpr):
+                      MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, FENCE: tl.constexpr, USE_PDL: tl.constexpr):
     """``y.T`` tile ``[BLOCK_N, BLOCK_M] = W_tile @ x_tile.T``: the dequantized weight is the A operand (on Hopper
     the MMA reads A from registers, so the dequantized tile never touches shared memory; B, the activations, comes
     from shared memory).  The batch is the MMA's N dimension (16 to 256), so small M wastes nothing of the
@@ -498,6 +506,7 @@ def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     reference's value): float16 builds ``1024 + q`` by OR-ing the code into the exponent bits of 1024
     (``0x6400``), subtracts ``1024 + z`` (exact) and multiplies by ``s`` (one rounding), so one float32
     accumulator runs over all of K with no per-group epilogue.  bfloat16/float32 convert the code."""
+    pdl_wait(USE_PDL)
     ROWS: tl.constexpr = GROUP // 8  # int32 words per column per group = K of each product (>= 16)
     pid_m, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
@@ -523,15 +532,17 @@ def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                 a = ((q.to(tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]).to(b.dtype)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     tile_id = pid_m * tl.num_programs(1) + pid_n
+    pdl_trigger(USE_PDL)
     store_tile_t(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
 
 
 # ---- dequantize + cuBLAS (large M) ----------------------------------------------------------------------------------
 @triton.jit
 def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K8, n_start, n_count,
-                       GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                       GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
     """``out[k, c] = (q[k, n_start + c] - z) * s`` for ``c < n_count``: ``W.T`` restricted to a column chunk,
     ``[K, n_count]`` row-major.  Computed in float32 and rounded once, like the reference."""
+    pdl_wait(USE_PDL)
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -542,6 +553,7 @@ def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K8, n_start, n_count,
     meta = ((offs_r * 8) // GROUP)[:, None] * N + cols[None, :]
     s = tl.load(s_ptr + meta, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+    pdl_trigger(USE_PDL)
     for j in tl.static_range(8):
         q = ((w >> (4 * j)) & 15).to(tl.float32)
         val = (q - z) * s
@@ -562,7 +574,7 @@ def w4a16_dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
     block_r, block_n = 16, 128
     grid = (triton.cdiv(k8, block_r), triton.cdiv(n_count, block_n))
     _w4_dequant_kernel[grid](qweight, scales, zeros, out, n, k8, n_start, n_count, GROUP=group_size,
-                             BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+                             BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4, **launch_options(qweight.device))
     return out
 
 

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from morphserve.kernels.w4a16 import (_CHUNK_ALIGN, _SUPPORTED_DTYPES, GemmConfig, GemvConfig, _check_block,
                                       _dot_mode, gemm_tile, splitk_workspace, store_tile, store_tile_t)
-from morphserve.kernels.triton_support import interpreting
+from morphserve.kernels.pdl import pdl_trigger, pdl_wait
+from morphserve.kernels.triton_support import interpreting, launch_options
 from morphserve.quant.packing import dequantize_w8
 
 W8_WORD = 4  # int8 codes per int32 word in the GEMV kernel's view
@@ -71,7 +72,8 @@ def _check_operands(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 @triton.jit(do_not_specialize=["M", "steps_per_split", "split_k"])
 def _w8_gemv_kernel(x_ptr, qw_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, K4, stride_xm, steps_per_split, split_k,
-                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, FENCE: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, FENCE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -101,6 +103,7 @@ def _w8_gemv_kernel(x_ptr, qw_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     out = (tl.sum(acc, axis=1) * (2.0 ** 49) - 128.0 * tl.sum(xsum, axis=0)) * s
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
+    pdl_trigger(USE_PDL)
     store_tile(out[None, :], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
 
 
@@ -127,7 +130,7 @@ def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         ws.check(m, n, grid[0] * m)
     _w8_gemv_kernel[grid](x, qweight.view(torch.int32), scales, y, ws.partials, ws.counters, m, n, k4, x.stride(0),
                           steps_per_split, split, BLOCK_N=cfg.block_n, BLOCK_C=block_c, FENCE=not interpreting(),
-                          num_warps=cfg.num_warps, num_stages=1)
+                          num_warps=cfg.num_warps, num_stages=1, **launch_options(x.device))
     return y
 
 
@@ -136,7 +139,8 @@ def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 def _w8_gemm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, K, stride_xm, steps_per_split, split_k,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, FENCE: tl.constexpr):
+                    MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, FENCE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     pid_m, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = pid_k * steps_per_split * BLOCK_K  # a multiple of BLOCK_K the compiler can see (aligned loads)
@@ -160,6 +164,7 @@ def _w8_gemm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     else:
         out = acc * s[None, :]
     tile_id = pid_m * tl.num_programs(1) + pid_n
+    pdl_trigger(USE_PDL)
     store_tile(out, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
 
 
@@ -189,7 +194,8 @@ def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     kernel, extra = (_w8_gemm_t_kernel, {}) if cfg.weight_a else (_w8_gemm_kernel, {"MODE": mode})
     kernel[grid](x, qweight, scales, y, ws.partials, ws.counters, m, n, k, x.stride(0), steps_per_split, split,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
-                 FENCE=not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
+                 FENCE=not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+                 **launch_options(x.device))
     return y
 
 
@@ -198,11 +204,12 @@ def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 def _w8_gemm_t_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                       M, N, K, stride_xm, steps_per_split, split_k,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, FENCE: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr, FENCE: tl.constexpr, USE_PDL: tl.constexpr):
     """``y.T`` tile ``[BLOCK_N, BLOCK_M] = Q_tile @ x_tile.T``, scaled per output channel at the end: the int8
     codes, converted to the activation dtype (exact), are the MMA's A operand (registers on Hopper), the
     activations its B operand (shared memory), the batch its N dimension (see
     :func:`morphserve.kernels.w4a16._w4_gemm_t_kernel`)."""
+    pdl_wait(USE_PDL)
     pid_m, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = pid_k * steps_per_split * BLOCK_K  # a multiple of BLOCK_K the compiler can see (aligned loads)
@@ -216,14 +223,17 @@ def _w8_gemm_t_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         acc = tl.dot(q.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
     s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tile_id = pid_m * tl.num_programs(1) + pid_n
+    pdl_trigger(USE_PDL)
     store_tile_t(acc * s[:, None], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
 
 
 # ---- dequantize + cuBLAS (large M) ----------------------------------------------------------------------------------
 @triton.jit
-def _w8_dequant_kernel(q_ptr, s_ptr, out_ptr, K, n_start, n_count, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w8_dequant_kernel(q_ptr, s_ptr, out_ptr, K, n_start, n_count, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     """``out[r, k] = q[n_start + r, k] * s[n_start + r]`` for ``r < n_count``, computed in float32 and rounded
     once (like the reference)."""
+    pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -232,6 +242,7 @@ def _w8_dequant_kernel(q_ptr, s_ptr, out_ptr, K, n_start, n_count, BLOCK_N: tl.c
     rows = n_start + offs_r
     q = tl.load(q_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
     s = tl.load(s_ptr + rows, mask=offs_r < n_count, other=0.0).to(tl.float32)
+    pdl_trigger(USE_PDL)
     tl.store(out_ptr + offs_r[:, None] * K + offs_k[None, :], (q * s[:, None]).to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -248,7 +259,7 @@ def w8a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, out: torch.Ten
     block_n, block_k = 16, 256
     grid = (triton.cdiv(n_count, block_n), triton.cdiv(k, block_k))
     _w8_dequant_kernel[grid](qweight, scales, out, k, n_start, n_count, BLOCK_N=block_n, BLOCK_K=block_k,
-                             num_warps=4)
+                             num_warps=4, **launch_options(qweight.device))
     return out
 
 
