@@ -29,7 +29,7 @@ from morphserve.engine.config import ACTIVATION_RESERVE_BYTES, EngineConfig  # n
 from morphserve.engine.engine import LLMEngine  # noqa: E402
 from morphserve.memory.kv_pool import KVPool  # noqa: E402
 from morphserve.memory.kv_resizer import KVResizer  # noqa: E402
-from morphserve.memory.layer_swapper import LayerSwapper, chunked_copy  # noqa: E402
+from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks, chunked_copy  # noqa: E402
 from morphserve.memory.weight_arena import Precision, layout_for  # noqa: E402
 from morphserve.model.config import architecture  # noqa: E402
 from morphserve.provenance import provenance  # noqa: E402
@@ -93,6 +93,7 @@ def _land(sw: LayerSwapper, layer: int, dst: Precision):
     sw.synchronize()
     sw.before_layer(layer)
     sw.poll()
+    sw.land(wait=True)  # a staged swap
     return s
 
 
@@ -117,15 +118,20 @@ class _LayerwiseNoSwap:
 
 
 def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps: int = 24,
-                        bare_mib: tuple[int, ...] = ()) -> dict:
+                        bare_mib: tuple[int, ...] = (), staged_swaps: bool = False) -> dict:
     """Steady decode of ``batch`` requests.  Per-step wall time: the host clock around ``engine.step()``, which
     returns once the step's sampled tokens are on the host (the copy stream is never synchronised, so a copy
     overlaps the steps as in serving).  Four settings on the same requests: no swap with the whole-step graph, no
     swap replaying the per-layer graphs, no swap eager, and one FP16<->W4 swap of a staged layer requested before
     every step (its copy overlaps that step and the next; such steps replay the per-layer graphs with the
     swapper's hooks between them).  The graphs the swaps need are captured before timing.  Every timed block
-    starts on a fresh batch at ``context`` (see ``fresh``)."""
-    sw = LayerSwapper(engine.model.arena, staged, engine.device)
+    starts on a fresh batch at ``context`` (see ``fresh``).
+
+    ``staged_swaps``: the swaps are staged (bytes through scratch KV blocks, landing between steps): as the morpher
+    does, right after each launch the swapper lands the swaps whose bytes are in scratch and the destination map's
+    composite graph is prepared (both inside the step's timed window)."""
+    scratch_blocks = ScratchBlocks(engine.pool, engine.block_manager) if staged_swaps else None
+    sw = LayerSwapper(engine.model.arena, staged, engine.device, scratch=scratch_blocks)
     rng = np.random.default_rng(0)
 
     def fresh():
@@ -177,6 +183,9 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     def issue_and_poll():
         sw.issue()
         sw.poll()
+        if sw.staging():
+            graphs.prepare(tuple(sw.target(i) for i in range(engine.model.cfg.num_layers)), graphs.last_bucket)
+        sw.land()
 
     runner.after_launch = issue_and_poll
     cycle = [(layers[k % len(layers)], P.W4 if (k // len(layers)) % 2 == 0 else P.FP16) for k in range(steps + 2)]
@@ -193,7 +202,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     swap_device = runner.timing.device_forward[2:]
     runner.timing = None
     swap_layerwise = graphs.num_layerwise_steps - layerwise0
-    while sw.active():  # let the last swaps land
+    while sw.swaps:  # let the last swaps land
         engine.step()
     # one swap at a time: every step from its request until it has landed (tail, head, switch), per transition.
     # Each is also compared with whole-graph steps at its source and at its destination map without any swap: a step
@@ -218,7 +227,12 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
                 t = time.perf_counter()
                 engine.step()
                 during.append(time.perf_counter() - t)
+            if staged_swaps:  # it landed after the last step's launch: the next step is the first at the new map
+                t = time.perf_counter()
+                engine.step()
+                during.append(time.perf_counter() - t)
             dev = runner.timing.device_forward
+            host = runner.timing
             runner.timing = None
             dst_ms = map_graph_ms()
             single.append({"transition": f"{src.value}->{dst.value}", "layer": layer, "steps": len(during),
@@ -226,7 +240,10 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
                            "max_vs_graph": max(during) / statistics.median(base_graph),
                            "src_map_graph_ms": src_ms, "dst_map_graph_ms": dst_ms,
                            "max_vs_maps": 1e3 * max(during) / max(src_ms, dst_ms),
-                           "step_ms": [1e3 * x for x in during], "device_ms": [1e3 * x for x in dev]})
+                           "step_ms": [1e3 * x for x in during], "device_ms": [1e3 * x for x in dev],
+                           "host_prepare_ms": [1e3 * x for x in host.host_prepare],
+                           "host_launch_ms": [1e3 * x for x in host.host_launch],
+                           "run_wall_ms": [1e3 * x for x in host.wall]})
     # the same whole-graph steps with a bare host-to-device copy of a layer's size in flight on a side stream (no
     # swap logic at all): separates interference of the copy itself from the cost of the swap machinery
     scratch = torch.empty(engine.model.arena.slot_bytes, dtype=torch.uint8, device="cuda")
@@ -275,7 +292,9 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     for r in list(engine.scheduler.running) + list(engine.scheduler.waiting):
         engine.abort(r.request_id)
     med = statistics.median
-    return {"batch": batch, "context": context, "steps": steps,
+    return {"batch": batch, "context": context, "steps": steps, "staged_swaps": staged_swaps,
+            "composite_builds": graphs.num_composite_builds, "composite_updates": graphs.num_composite_updates,
+            "composite_steps": graphs.num_composite_steps,
             "no_swap_graph_ms": 1e3 * med(base_graph),
             "no_swap_layerwise_ms": 1e3 * med(base_layerwise),
             "no_swap_eager_ms": 1e3 * med(base_eager),
@@ -361,12 +380,18 @@ def run_model(name: str, h2d: float, args) -> dict:
            "slot_bytes": engine.model.arena.slot_bytes,
            "swaps": swap_times(engine, staged, layers, h2d)}
     out["decode_during_swaps"] = [decode_during_swaps(engine, staged, layers, b, args.context,
-                                                      bare_mib=tuple(args.bare_copy_mib)) for b in args.batch_sizes]
+                                                      bare_mib=tuple(args.bare_copy_mib), staged_swaps=st)
+                                  for st in args.swap_paths for b in args.batch_sizes]
     out["segment"] = segment_ops(engine, staged, layers[1])
     out["kv_capacity_24GB"] = kv_capacity(name)
     del engine, staged
     torch.cuda.empty_cache()
     return out
+
+
+def _label(d: dict) -> str:
+    """A decode-during-swaps row's batch and swap path."""
+    return f"{d['batch']} ({'staged' if d.get('staged_swaps') else 'in-place'})"
 
 
 def markdown(res: dict) -> str:
@@ -381,7 +406,7 @@ def markdown(res: dict) -> str:
                       "swap every step, median (mean, max) ms | vs graph (median, mean) | vs per-layer graphs | "
                       "per-layer vs whole graph |", "|---|---|---|---|---|---|---|---|---|"]
         for d in m["decode_during_swaps"]:
-            lines.append(f"| {d['batch']} | {d['context']} | {d['no_swap_graph_ms']:.2f} | "
+            lines.append(f"| {_label(d)} | {d['context']} | {d['no_swap_graph_ms']:.2f} | "
                          f"{d['no_swap_layerwise_ms']:.2f} | {d['no_swap_eager_ms']:.2f} | {d['swapping_ms']:.2f} "
                          f"({d['swapping_mean_ms']:.2f}, {d['swapping_max_ms']:.2f}) | {d['ratio_vs_graph']:.3f}x, "
                          f"{d['ratio_mean_vs_graph']:.3f}x | {d['ratio_vs_layerwise']:.3f}x | "
@@ -390,12 +415,12 @@ def markdown(res: dict) -> str:
                       "wall / device (ms) | ratio | the same copy in 16 MiB pieces: wall / device (ms) | ratio |",
                   "|---|---|---|---|---|---|"]
         for d in m["decode_during_swaps"]:
-            lines.append(f"| {d['batch']} | {d['no_swap_graph_ms']:.2f} / {d['no_swap_graph_device_ms']:.2f} | "
+            lines.append(f"| {_label(d)} | {d['no_swap_graph_ms']:.2f} / {d['no_swap_graph_device_ms']:.2f} | "
                          f"{d['bare_copy_each_step_ms']:.2f} / {d['bare_copy_device_ms']:.2f} | "
                          f"{d['bare_copy_vs_graph']:.3f}x | {d['bare_chunked_copy_each_step_ms']:.2f} / "
                          f"{d['bare_chunked_copy_device_ms']:.2f} | {d['bare_chunked_copy_vs_graph']:.3f}x |")
         lines += ["", "Bare copies of other sizes before each step (MiB: wall ms, device ms, ratio): " + "; ".join(
-            f"batch {d['batch']}: " + ", ".join(f"{x['mib']:.0f}: {x['ms']:.2f}, {x['device_ms']:.2f}, {x['vs_graph']:.3f}x"
+            f"batch {_label(d)}: " + ", ".join(f"{x['mib']:.0f}: {x['ms']:.2f}, {x['device_ms']:.2f}, {x['vs_graph']:.3f}x"
                                                for x in d.get("bare_copy_by_size", []))
             for d in m["decode_during_swaps"])]
         lines += ["", "One swap at a time (every step from its request until it landed; worst step over the staged "
@@ -410,7 +435,7 @@ def markdown(res: dict) -> str:
                 by.setdefault(x["transition"], []).append(x)
             for tr, xs in by.items():
                 w = max(xs, key=lambda x: x["max_ms"])
-                lines.append(f"| {d['batch']} | {tr} | {'/'.join(str(x['steps']) for x in xs)} | {w['max_ms']:.2f} | "
+                lines.append(f"| {_label(d)} | {tr} | {'/'.join(str(x['steps']) for x in xs)} | {w['max_ms']:.2f} | "
                              f"{statistics.fmean(x['mean_ms'] for x in xs):.2f} | {w['max_vs_graph']:.3f}x | "
                              f"{max(x['max_vs_maps'] for x in xs):.3f}x |")
         s = m["segment"]
@@ -434,10 +459,17 @@ def main() -> None:
                     help="KV pool blocks (batch 32 at context 512 with the run's 544 output tokens needs 2112 on the 7B)")
     ap.add_argument("--bare-copy-mib", type=int, nargs="*", default=[16, 128],
                     help="also time steps with a bare host-to-device copy of this many MiB issued before each")
+    ap.add_argument("--swap-paths", default="in-place,staged",
+                    help="swap paths to time: in-place (per-layer graphs with hooks), staged (scratch + composites)")
     ap.add_argument("--source-commit", default=None, help="the commit of the tree (the box's git metadata is stale)")
     ap.add_argument("--out", default="benchmarks/results/morph.json")
     args = ap.parse_args()
     args.batch = max(args.batch_sizes)
+    paths = {"in-place": False, "staged": True}
+    try:
+        args.swap_paths = [paths[p] for p in args.swap_paths.split(",")]
+    except KeyError as e:
+        raise SystemExit(f"--swap-paths: unknown path {e.args[0]!r} (known: {', '.join(paths)})") from None
     h2d = pinned_h2d_gbps()
     res = {"pinned_h2d_gbps": h2d, "models": [run_model(m, h2d, args) for m in args.models],
            "reserve_bytes": ACTIVATION_RESERVE_BYTES,

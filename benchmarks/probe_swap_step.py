@@ -48,60 +48,33 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_fastpath import inject_decoding  # noqa: E402
 from morphserve.engine.config import EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
+from morphserve.engine.graph_composite import chain, check, cudart  # noqa: E402
 from morphserve.memory.weight_arena import Precision  # noqa: E402
 from morphserve.model.config import architecture  # noqa: E402
 from morphserve.model.weight_source import SyntheticSource  # noqa: E402
 from morphserve.provenance import provenance  # noqa: E402
 
 
-def cudart() -> ctypes.CDLL:
-    """The CUDA runtime library this process (PyTorch) has loaded."""
-    torch.cuda.init()
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        path = line.split()[-1]
-        if "libcudart.so" in path:
-            return ctypes.CDLL(path)
-    raise RuntimeError("libcudart is not loaded in this process")
-
-
-def check(rc: int, what: str) -> None:
-    if rc != 0:
-        raise RuntimeError(f"{what} failed with CUDA error {rc}")
-
-
 class Composite:
-    """One executable graph chaining child graphs, optionally with an event wait before and a record after each."""
+    """One executable graph chaining child graphs, optionally with an event wait before and a record after each
+    (:func:`morphserve.engine.graph_composite.chain`); ``instantiate=False`` keeps only the ``cudaGraph_t``."""
 
-    def __init__(self, rt: ctypes.CDLL, children: list[int], waits=None, records=None):
+    def __init__(self, rt: ctypes.CDLL, children: list[int], waits=None, records=None, instantiate: bool = True):
         self.rt = rt
-        vp = ctypes.c_void_p
-        g = vp()
-        check(rt.cudaGraphCreate(ctypes.byref(g), ctypes.c_uint(0)), "cudaGraphCreate")
-        prev = None
-
-        def add(fn, *args):
-            nonlocal prev
-            node = vp()
-            deps = (vp * 1)(prev) if prev is not None else None
-            check(fn(ctypes.byref(node), g, deps, ctypes.c_size_t(1 if prev is not None else 0), *args), fn.__name__)
-            prev = node
-
-        for i, child in enumerate(children):
-            if waits is not None:
-                add(rt.cudaGraphAddEventWaitNode, vp(waits[i].cuda_event_ptr))
-            add(rt.cudaGraphAddChildGraphNode, vp(child))
-            if records is not None:
-                add(rt.cudaGraphAddEventRecordNode, vp(records[i].cuda_event_ptr))
-        self.graph = g
-        self.exec = vp()
-        check(rt.cudaGraphInstantiate(ctypes.byref(self.exec), g, ctypes.c_ulonglong(0)), "cudaGraphInstantiate")
+        self.graph = ctypes.c_void_p(chain(children, [w.cuda_event_ptr for w in waits] if waits else None,
+                                           [r.cuda_event_ptr for r in records] if records else None))
+        self.exec = ctypes.c_void_p()
+        if instantiate:
+            check(rt.cudaGraphInstantiate(ctypes.byref(self.exec), self.graph, ctypes.c_ulonglong(0)),
+                  "cudaGraphInstantiate")
 
     def launch(self) -> None:
         check(self.rt.cudaGraphLaunch(self.exec, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)),
               "cudaGraphLaunch")
 
     def close(self) -> None:
-        self.rt.cudaGraphExecDestroy(self.exec)
+        if self.exec:
+            self.rt.cudaGraphExecDestroy(self.exec)
         self.rt.cudaGraphDestroy(self.graph)
 
 
@@ -114,6 +87,37 @@ class RawEvent:
         check(rt.cudaEventCreateWithFlags(ctypes.byref(h), ctypes.c_uint(2)), "cudaEventCreate")  # disable timing
         self.cuda_event_ptr = h.value
         check(rt.cudaEventRecord(h, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)), "cudaEventRecord")
+
+
+def decode_batch(engine, batch: int, context: int, rng) -> tuple:
+    """A fresh decode batch of ``batch`` sequences injected at ``context`` (any running ones aborted), one engine step
+    run on it; returns that step's host batch and its graph bucket (to replay the same step in other ways)."""
+    for r in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+        engine.abort(r.request_id)
+    inject_decoding(engine, batch, context, rng)
+    runner, seen = engine.runner, []
+    forward = runner.forward
+    runner.forward = lambda hb: seen.append(hb) or forward(hb)
+    try:
+        engine.step()
+    finally:
+        runner.forward = forward
+    return seen[0], runner.graphs.bucket_for(batch)
+
+
+def keep_graphs() -> None:
+    """Make every ``torch.cuda.CUDAGraph`` created from now on keep its ``cudaGraph_t`` (the per-layer graphs are
+    the children of a composite)."""
+    plain = torch.cuda.CUDAGraph
+
+    class KeptGraph(plain):  # the C++ object takes keep_graph in __init__ (pybind), the wrapper in __new__
+        def __new__(cls, keep_graph: bool = True):
+            return super().__new__(cls, keep_graph=True)
+
+        def __init__(self, keep_graph: bool = True):
+            super().__init__(True)
+
+    torch.cuda.CUDAGraph = KeptGraph
 
 
 def timed(fn, reps: int) -> dict:
@@ -163,15 +167,8 @@ def probe(name: str, batch: int, context: int, reps: int, profile_steps: int, rt
                                     num_kv_blocks=batch * (-(-(context + 64) // 16)) + 16, seed=0),
                        source=SyntheticSource(name, seed=0, config=cfg))
     try:
-        inject_decoding(engine, batch, context, np.random.default_rng(0))
-        runner, graphs = engine.runner, engine.runner.graphs
-        seen = []
-        forward = runner.forward
-        runner.forward = lambda hb: seen.append(hb) or forward(hb)
-        engine.step()
-        runner.forward = forward
-        hb = seen[0]
-        b = graphs.bucket_for(batch)
+        graphs = engine.runner.graphs
+        hb, b = decode_batch(engine, batch, context, np.random.default_rng(0))
         out: dict = {"model": name, "batch": batch, "bucket": b, "context": context, "layers": cfg.num_layers}
         graphs.graphs.clear()
         t = time.perf_counter()
@@ -261,17 +258,7 @@ def main() -> int:
     ap.add_argument("--source-commit", default=None, help="the commit of the tree (the box's git metadata is stale)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    # the per-layer graphs must keep their cudaGraph_t (children of the composite)
-    plain = torch.cuda.CUDAGraph
-
-    class KeptGraph(plain):  # the C++ object takes keep_graph in __init__ (pybind), the wrapper in __new__
-        def __new__(cls, keep_graph: bool = True):
-            return super().__new__(cls, keep_graph=True)
-
-        def __init__(self, keep_graph: bool = True):
-            super().__init__(True)
-
-    torch.cuda.CUDAGraph = KeptGraph
+    keep_graphs()
     rt = cudart()
     res = {"provenance": provenance({k: str(v) for k, v in vars(args).items()}, torch.device("cuda"), 0, True),
            "runs": []}

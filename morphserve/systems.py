@@ -27,7 +27,7 @@ from typing import Any
 from morphserve.engine.controller import MorphController, mode_config
 from morphserve.engine.morpher import Morpher
 from morphserve.memory.kv_resizer import KVResizer, ReleasePolicy
-from morphserve.memory.layer_swapper import LayerSwapper
+from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks
 from morphserve.memory.weight_arena import Precision
 
 STATIC_SYSTEMS = ("fp16", "w4", "selective-8", "selective-16")
@@ -72,7 +72,8 @@ def static_map(spec: SystemSpec, num_layers: int, order: list[int]) -> list[Prec
 
 
 def _swapper_and_resizer(engine, staged) -> tuple[LayerSwapper, KVResizer]:
-    swapper = LayerSwapper(engine.model.arena, staged, engine.device)
+    scratch = ScratchBlocks(engine.pool, engine.block_manager) if engine.device.type == "cuda" else None
+    swapper = LayerSwapper(engine.model.arena, staged, engine.device, scratch=scratch)
     resizer = KVResizer(engine.pool, engine.block_manager, engine.model.arena,
                         lambda: [r.block_table for r in engine.scheduler.running])
     return swapper, resizer

@@ -10,7 +10,7 @@ import morphserve.quant  # noqa: F401  (registers the W8/W4 layouts and linear k
 from morphserve.engine.config import EngineConfig
 from morphserve.engine.engine import LLMEngine
 from morphserve.engine.sampling_params import SamplingParams
-from morphserve.memory.layer_swapper import LayerSwapper, SwapState
+from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks, SwapState
 from morphserve.memory.weight_arena import Precision
 from morphserve.quant.layouts import w4_group_size
 from morphserve.quant.packing import dequantize_w4
@@ -108,3 +108,58 @@ def test_queue_semantics(setup):
     swapper.before_layer(1)
     swapper.poll()
     _swap(swapper, 2, P.FP16)
+
+
+@pytest.fixture(scope="module")
+def staged_setup(tiny_mha):
+    engine = LLMEngine(EngineConfig(model=str(tiny_mha), num_kv_blocks=512, device="cpu"))
+    return engine, StagedVariants.build(engine.model)
+
+
+def _staged_swapper(engine, staged):
+    return LayerSwapper(engine.model.arena, staged, "cpu", scratch=ScratchBlocks(engine.pool, engine.block_manager))
+
+
+def test_staged_swaps_restore_fp16_byte_identical_and_return_their_scratch(staged_setup):
+    """Staged swaps (bytes through free KV blocks, landing between steps): 1000 random down/up cycles leave the FP16
+    slot byte-identical, every landed variant equals its staged bytes, and every scratch block comes back."""
+    engine, staged = staged_setup
+    arena, bm = engine.model.arena, engine.block_manager
+    original = arena.storage.clone()
+    swapper = _staged_swapper(engine, staged)
+    rng = random.Random(2)
+    for _ in range(1000):
+        layer = rng.randrange(arena.cfg.num_layers)
+        dst = rng.choice([p for p in (P.FP16, P.W8, P.W4) if p != swapper.precision(layer)])
+        s = swapper.request(layer, dst)
+        assert s.is_staged and s.state is SwapState.STAGING and bm.num_used == len(s.scratch)
+        assert not swapper.active()  # no per-layer hooks for staged swaps
+        assert swapper.precision(layer) != dst  # the slot is untouched until the swap lands
+        assert swapper.land() == [s] and bm.num_used == 0
+        assert arena.layers[layer].precision == dst
+        assert torch.equal(arena.slot(layer)[:staged.buffer(layer, dst).numel()], staged.buffer(layer, dst))
+    for layer in range(arena.cfg.num_layers):
+        if swapper.precision(layer) != P.FP16:
+            swapper.request(layer, P.FP16)
+    swapper.land()
+    assert torch.equal(arena.storage, original) and not swapper.swaps
+
+
+def test_staged_swap_cancel_and_fallback_to_in_place(staged_setup):
+    engine, staged = staged_setup
+    bm = engine.block_manager
+    swapper = _staged_swapper(engine, staged)
+    s = swapper.request(0, P.W4)
+    with pytest.raises(RuntimeError, match="in flight"):
+        swapper.request(0, P.W8)  # its bytes are travelling: no retarget
+    assert swapper.cancel(0) and bm.num_used == 0 and swapper.precision(0) == P.FP16 and not swapper.swaps
+    held = bm.allocate(bm.num_free_in(0), segment=0)  # no scratch left: the swap runs in place
+    s = swapper.request(0, P.W4)
+    assert not s.is_staged and s.state is SwapState.QUEUED and swapper.active()
+    swapper.issue()
+    swapper.before_layer(0)
+    swapper.poll()
+    assert swapper.precision(0) == P.W4
+    bm.free_blocks(held)
+    swapper.request(0, P.FP16)
+    assert [x.layer for x in swapper.land()] == [0] and swapper.precision(0) == P.FP16

@@ -13,7 +13,7 @@ from morphserve.engine.morpher import Morpher
 from morphserve.engine.sampling_params import SamplingParams
 from morphserve.memory.block_manager import BlockManager
 from morphserve.memory.kv_resizer import KVResizer
-from morphserve.memory.layer_swapper import LayerSwapper
+from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks
 from morphserve.memory.weight_arena import Precision
 from morphserve.parity import PARITY_PROMPTS
 from morphserve.quant.staging import StagedVariants
@@ -29,13 +29,14 @@ def wide(tmp_path_factory):
                                 num_hidden_layers=4)
 
 
-def _engine(path, blocks, extension_first=False, **kw):
+def _engine(path, blocks, extension_first=False, staged_swaps=False, **kw):
     engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=blocks, max_num_batched_tokens=64,
                                     device="cpu"))
     if extension_first:
         engine.block_manager.extension_first = True
     staged = StagedVariants.build(engine.model)
-    swapper = LayerSwapper(engine.model.arena, staged, "cpu")
+    scratch = ScratchBlocks(engine.pool, engine.block_manager) if staged_swaps else None
+    swapper = LayerSwapper(engine.model.arena, staged, "cpu", scratch=scratch)
     resizer = KVResizer(engine.pool, engine.block_manager, engine.model.arena,
                         lambda: [r.block_table for r in engine.scheduler.running])
     return engine, swapper, resizer
@@ -68,8 +69,11 @@ def test_static_w4_map_turns_freed_weights_into_kv_blocks(wide):
     assert all(len(o.output_token_ids) == 8 for o in out)
 
 
-def test_controller_goes_down_under_pressure_and_back_up_when_idle(wide):
-    engine, swapper, resizer = _engine(wide, 26)
+@pytest.mark.parametrize("staged_swaps", [False, True], ids=["in-place", "staged"])
+def test_controller_goes_down_under_pressure_and_back_up_when_idle(wide, staged_swaps):
+    """Under pressure the pool is nearly full, so staged swaps often find no scratch and run in place: both kinds
+    mix in the staged run."""
+    engine, swapper, resizer = _engine(wide, 26, staged_swaps=staged_swaps)
     mode = mode_config("performance", persist_steps=2, min_dwell_steps=2, relief_persist_steps=4,
                        layers_per_decision=1, max_layer_fraction=1.0)
     controller = MorphController(mode, 4, [3, 1, 0, 2])
@@ -89,11 +93,13 @@ def test_controller_goes_down_under_pressure_and_back_up_when_idle(wide):
     assert set(t) >= {"step", "precisions", "target", "kv_total_blocks", "kv_used_blocks", "queue_len", "reason"}
 
 
-def test_stress_swap_and_resize_every_step(wide):
+@pytest.mark.parametrize("staged_swaps", [False, True], ids=["in-place", "staged"])
+def test_stress_swap_and_resize_every_step(wide, staged_swaps):
     """Random targets every step; live blocks are kept in extension segments (extension-first allocation), so every
     release migrates live KV.  No request is lost, and the tokens equal a replay of the same per-step precision
-    schedule on an engine that never resizes (capacity never binds, so both schedule identically)."""
-    engine, swapper, resizer = _engine(wide, 300, extension_first=True)
+    schedule on an engine that never resizes (capacity never binds, so both schedule identically).  Staged: every
+    swap's bytes pass through scratch KV blocks of the base pool."""
+    engine, swapper, resizer = _engine(wide, 300, extension_first=True, staged_swaps=staged_swaps)
     morpher = Morpher(engine, swapper, resizer, static_map=[P.FP16] * 4)
     rng = random.Random(1)
     params = SamplingParams(max_tokens=30, ignore_eos=True)
@@ -107,6 +113,8 @@ def test_stress_swap_and_resize_every_step(wide):
     assert len(set(realized)) > 10  # it really kept changing
     assert resizer.migrated_total > 20  # releases really moved live KV blocks
     assert engine.scheduler.num_preemptions == 0
+    staged_done = [s for s in swapper.completed if s.is_staged]
+    assert len(staged_done) > 20 if staged_swaps else not staged_done
 
     ref, ref_swapper, _ = _engine(wide, 300)
     code = {"F": P.FP16, "8": P.W8, "4": P.W4}

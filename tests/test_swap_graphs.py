@@ -14,7 +14,7 @@ from morphserve.engine.morpher import Morpher
 from morphserve.engine.sampling_params import SamplingParams
 from morphserve.engine.scheduler import ScheduledChunk
 from morphserve.memory.kv_resizer import KVResizer
-from morphserve.memory.layer_swapper import LayerSwapper
+from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks
 from morphserve.memory.weight_arena import Precision
 from morphserve.parity import PARITY_PROMPTS
 from morphserve.quant.staging import StagedVariants
@@ -32,11 +32,12 @@ def wide(tmp_path_factory):
                                 num_hidden_layers=4)
 
 
-def _engine(path, blocks, graphs: bool, extension_first=False):
+def _engine(path, blocks, graphs: bool, extension_first=False, staged_swaps=False):
     engine = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="float16", num_kv_blocks=blocks,
                                     max_num_batched_tokens=64), cuda_graphs=graphs)
     engine.block_manager.extension_first = extension_first
-    swapper = LayerSwapper(engine.model.arena, StagedVariants.build(engine.model), engine.device)
+    scratch = ScratchBlocks(engine.pool, engine.block_manager) if staged_swaps else None
+    swapper = LayerSwapper(engine.model.arena, StagedVariants.build(engine.model), engine.device, scratch=scratch)
     resizer = KVResizer(engine.pool, engine.block_manager, engine.model.arena,
                         lambda: [r.block_table for r in engine.scheduler.running])
     return engine, swapper, resizer
@@ -92,12 +93,14 @@ def _serve(engine, morpher, swapper, prompts, params, shake):
     return [outs[i] for i in ids], maps
 
 
-def test_swapping_every_step_with_graphs_equals_eager(wide):
-    """Random targets every step, migrations included (extension-first allocation): the graph run (per-layer
-    graphs while swaps are in flight) gives the tokens of an eager engine that lands the same per-step precision
-    schedule synchronously and never resizes."""
+@pytest.mark.parametrize("staged_swaps", [False, True], ids=["in-place", "staged"])
+def test_swapping_every_step_with_graphs_equals_eager(wide, staged_swaps):
+    """Random targets every step, migrations included (extension-first allocation): the graph run gives the tokens
+    of an eager engine that lands the same per-step precision schedule synchronously and never resizes.  In place:
+    per-layer graphs while swaps are in flight.  Staged: whole-step or composite graphs only (the swaps land between
+    steps), composites prepared after each launch and re-targeted in place where the structures match."""
     n = 4
-    engine, swapper, resizer = _engine(wide, 300, graphs=True, extension_first=True)
+    engine, swapper, resizer = _engine(wide, 300, graphs=True, extension_first=True, staged_swaps=staged_swaps)
     morpher = Morpher(engine, swapper, resizer, static_map=[P.FP16] * n)
     rng = random.Random(3)
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
@@ -109,7 +112,12 @@ def test_swapping_every_step_with_graphs_equals_eager(wide):
     assert all(len(o.output_token_ids) == 30 for o in out)
     assert len({tuple(m) for m in maps}) > 8 and resizer.migrated_total > 0
     g = engine.runner.graphs
-    assert g.num_layerwise_steps > 10, "swap steps did not replay per-layer graphs"
+    if staged_swaps:
+        assert sum(s.is_staged for s in swapper.completed) > 10
+        assert g.num_composite_steps > 5 and g.num_composite_builds > 0, "no step replayed a composite graph"
+        assert g.num_layerwise_steps == 0  # staged swaps need no per-layer hooks
+    else:
+        assert g.num_layerwise_steps > 10, "swap steps did not replay per-layer graphs"
 
     ref, ref_swapper, _ = _engine(wide, 300, graphs=False)
     steps = iter(maps)
@@ -134,6 +142,30 @@ def test_swapping_every_step_with_graphs_equals_eager(wide):
         step += 1
     ref_out = [done[i] for i in ids]
     assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref_out]
+
+
+def test_composite_retargeted_in_place_equals_its_map(wide):
+    """A composite graph re-targeted to another map (``cudaGraphExecUpdate``, or a new one where the node structure
+    differs) gives exactly the logits of that map's per-layer replay."""
+    engine, swapper, _ = _engine(wide, 64, graphs=True, staged_swaps=True)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    engine.add_request(PARITY_PROMPTS[0], params)
+    for _ in range(4):
+        engine.step()
+    g = engine.runner.graphs
+    g.max_maps = 1  # every new map re-targets the bucket's one composite (or replaces it)
+    hb = _decode_chunks(engine)
+    b = g.bucket_for(hb.num_seqs)
+    for layer, dst in ((1, P.W4), (3, P.W8), (1, P.FP16), (0, P.W4)):
+        swapper.request(layer, dst)
+        swapper.land(wait=True)
+        key = g.precision_key()
+        comp = g.prepare(key, b)
+        g._upload(hb, b)
+        comp.launch()
+        got = g.layer_graphs[(len(key) - 1, key[-1], b)].logits[:hb.num_seqs].clone()
+        torch.testing.assert_close(got, g.run_layerwise(hb), rtol=0, atol=0)
+    assert g.num_composite_updates + g.num_composite_builds == 4
 
 
 def test_growing_swap_copies_tail_then_head(wide):

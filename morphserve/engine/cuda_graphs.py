@@ -44,6 +44,15 @@ current map when it exists; a map is captured whole only after it has been stead
 :attr:`DecodeGraphs.full_capture_after` decode steps (until then its steps replay the per-layer graphs), so a
 morphing run does not pay a whole-model capture for every transient map.
 
+**Composite graphs (maps reached by staged swaps).**  A staged swap (:mod:`morphserve.memory.layer_swapper`) lands
+between two steps and needs no hooks, so the steps around it can replay one graph each.  For its destination map,
+:meth:`DecodeGraphs.prepare` chains the per-layer graphs (captured with ``keep_graph=True``) as child graphs of one
+executable graph (:mod:`morphserve.engine.graph_composite`): no Python capture, 1-5 ms of instantiation, or about
+0.1 ms when an older composite of the same bucket can be re-targeted in place (same node structure).  The morpher
+calls it right after launching a step, so the host work overlaps the GPU's.  A map with a composite replays it
+until the map changes (a whole-step capture would stall a step for 30-90 ms); the most recent
+:attr:`DecodeGraphs.max_maps` composites are kept per bucket.
+
 All graphs share one memory pool; they are never replayed concurrently and each keeps its own output tensor, so
 their intermediates may alias each other safely.  The logits a replay returns are a view of the graph's output:
 they are valid until the next replay of that graph (the engine samples them before the next step).
@@ -58,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from morphserve.engine.graph_composite import CompositeGraph
 from morphserve.memory.kv_pool import KVPool
 from morphserve.model.kernel_set import KernelSet
 from morphserve.model.llama import ForwardBatch, LlamaModel
@@ -136,6 +146,11 @@ class DecodeGraphs:
         self._steady_steps = 0
         self.num_layer_captures = 0
         self.num_layerwise_steps = 0
+        self.composites: dict[int, OrderedDict[tuple, CompositeGraph]] = {}
+        self.num_composite_builds = 0
+        self.num_composite_updates = 0
+        self.num_composite_steps = 0
+        self.last_bucket: int | None = None  # the bucket of the last decode step replayed
 
     # ---- layout ---------------------------------------------------------------------------------------------
     def bucket_for(self, num_seqs: int) -> int | None:
@@ -201,9 +216,10 @@ class DecodeGraphs:
         self.num_captures += 1
         return per_map[b]
 
-    def _capture_fn(self, fn) -> tuple[torch.cuda.CUDAGraph, Any]:
+    def _capture_fn(self, fn, keep_graph: bool = False) -> tuple[torch.cuda.CUDAGraph, Any]:
         """Warm ``fn`` up outside a capture (compiles the Triton kernels and initialises cuBLAS for these shapes),
-        then capture it into the shared pool; returns the graph and ``fn``'s output."""
+        then capture it into the shared pool; returns the graph and ``fn``'s output.  ``keep_graph``: keep the
+        ``cudaGraph_t`` (a child of composites; instantiated at its first replay)."""
         if not any(self.graphs.values()) and not self.layer_graphs:
             # PyTorch frees a private graph pool once no graph uses it; capturing into a freed pool's handle fails
             self.mempool = torch.cuda.graph_pool_handle()
@@ -212,7 +228,7 @@ class DecodeGraphs:
         with torch.cuda.stream(side):
             fn()
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph(keep_graph=keep_graph)
         with torch.cuda.graph(graph, pool=self.mempool, capture_error_mode="thread_local"):
             out = fn()
         return graph, out
@@ -261,7 +277,7 @@ class DecodeGraphs:
         try:
             if saved.precision != precision:
                 arena.set_precision(i, precision)
-            graph, logits = self._capture_fn(lambda: self._layer_step(i, st))
+            graph, logits = self._capture_fn(lambda: self._layer_step(i, st), keep_graph=True)
         finally:
             arena.layers[i] = saved
         g = self.layer_graphs[key] = _Graph(graph, logits)
@@ -293,8 +309,36 @@ class DecodeGraphs:
         self.num_layerwise_steps += 1
         return graphs[-1].logits[:s]
 
+    # ---- composite graphs -----------------------------------------------------------------------------------
+    def prepare(self, key: tuple, b: int) -> CompositeGraph:
+        """The composite graph of precision map ``key`` for bucket ``b``, built now if missing: its layer graphs are
+        captured if needed, then the bucket's least recently used composite is re-targeted in place when the bucket
+        already holds :attr:`max_maps` of them and the structures match, else a new one is instantiated."""
+        per_b = self.composites.setdefault(b, OrderedDict())
+        c = per_b.get(key)
+        if c is not None:
+            per_b.move_to_end(key)
+            return c
+        children = [self.capture_layer(i, p, b).graph.raw_cuda_graph() for i, p in enumerate(key)]
+        if len(per_b) >= self.max_maps:
+            _, c = per_b.popitem(last=False)
+            if c.update(children):
+                self.num_composite_updates += 1
+            else:
+                c.close()
+                c = None
+        if c is None:
+            c = CompositeGraph(children)
+            self.num_composite_builds += 1
+        per_b[key] = c
+        return c
+
     def clear(self) -> None:
         """Drop every captured graph (they are recaptured on demand, e.g. after kernels' launch options changed)."""
+        for per_b in self.composites.values():
+            for c in per_b.values():
+                c.close()
+        self.composites.clear()
         self.graphs.clear()
         self.layer_graphs.clear()
         self._stages.clear()
@@ -321,21 +365,31 @@ class DecodeGraphs:
         self._copied.record()
 
     def run(self, hb: "HostBatch", hooks: "LayerHooks | None" = None) -> torch.Tensor:
-        """Logits ``[S, vocab]`` of a decode step, by graph replay: per-layer graphs with ``hooks`` (a swap is
-        queued or in flight) or while the precision map is not yet steady, else the map's whole-step graph."""
+        """Logits ``[S, vocab]`` of a decode step, by graph replay: per-layer graphs with ``hooks`` (an in-place
+        swap is queued or in flight); else the map's whole-step graph if captured, else its composite if built,
+        else per-layer graphs while the map is not yet steady, else a whole-step capture."""
         if not self.serves(hb):
             raise ValueError(f"no decode graph serves this batch ({hb.num_seqs} sequences, decode={hb.is_decode}, "
                              f"table width {hb.tables.shape[1]} > {self.width}?)")
+        s = hb.num_seqs
+        b = self.last_bucket = self.bucket_for(s)
         if hooks is not None:
             self._steady_key = None
             return self.run_layerwise(hb, hooks)
-        s = hb.num_seqs
-        b = self.bucket_for(s)
         key = self.precision_key()
         if key != self._steady_key:
             self._steady_key, self._steady_steps = key, 0
         self._steady_steps += 1
         per_map = self.graphs.get(key)
+        if per_map is None or b not in per_map:
+            comp = self.composites.get(b, {}).get(key)
+            if comp is not None:
+                self.composites[b].move_to_end(key)
+                self._upload(hb, b)
+                comp.launch()
+                self.num_replays += 1
+                self.num_composite_steps += 1
+                return self.layer_graphs[(len(key) - 1, key[-1], b)].logits[:s]
         if (per_map is None or b not in per_map) and self._steady_steps <= self.full_capture_after:
             return self.run_layerwise(hb)
         g = self.capture(b)

@@ -10,6 +10,14 @@ step was launched).  The target precision map comes from the :class:`MorphContro
 * **up** (larger variant): the layer's KV segments in the way are released first (closed, live blocks migrated or
   drained by policy); only when none is left is the swap queued, and its copy waits for the end of the step.
 
+With scratch space (:class:`morphserve.memory.layer_swapper.ScratchBlocks`) a swap is *staged*: its bytes travel
+to free KV blocks first and land in the slot between two steps (:meth:`LayerSwapper.land`, in
+:meth:`Morpher.after_step`: the device-to-device copy is enqueued behind the step just launched, and the landing's
+host work, about 0.5 ms on an H200, overlaps that step on the GPU); a down swap's freed bytes are attached when it
+lands.  While a staged swap travels, :meth:`Morpher.after_step` also has the decode graphs build the destination
+map's composite graph for the current batch bucket (host work done while the GPU runs the step just launched), so
+the first step at the new map replays one graph.
+
 A layer with a copy in flight is left alone until it lands; a release whose layer is sent down again is cancelled.
 Every step appends a timeline entry: precision of each layer, target, KV capacity and use, queue, and the reason of
 any decision.
@@ -74,6 +82,11 @@ class Morpher:
     def target(self) -> list[Precision]:
         return self.controller.target_map() if self.controller is not None else list(self.static_map)
 
+    def _land(self, wait: bool = False) -> None:
+        for swap in self.swapper.land(wait):
+            if not swap.grows:
+                self.resizer.grow(swap.layer, swap.dst)
+
     def before_step(self) -> None:
         eng = self.engine
         snap = self.monitor.snapshot(self._step, eng.clock(), eng.scheduler, eng.block_manager)
@@ -118,6 +131,12 @@ class Morpher:
             if not swap.grows:
                 self.resizer.grow(swap.layer, swap.dst)
         self.swapper.poll()
+        graphs = getattr(self.engine.runner, "graphs", None)
+        if graphs is not None and graphs.last_bucket is not None and self.swapper.staging():
+            # before landing: a small staged copy may already be done, and the next step needs the composite
+            graphs.prepare(tuple(self.swapper.target(i) for i in range(self.engine.model.arena.cfg.num_layers)),
+                           graphs.last_bucket)
+        self._land()
         self._step += 1
 
     def settle_idle(self) -> None:
@@ -127,6 +146,7 @@ class Morpher:
         for swap in self.swapper.in_flight():
             self.swapper.before_layer(swap.layer)
         self.swapper.poll()
+        self._land(wait=True)
 
     def apply_now(self) -> None:
         """Bring every layer to the target synchronously (static systems at start-up, before any request)."""

@@ -61,15 +61,22 @@ class BlockManager:
         """Blocks that can be allocated now (closed segments excluded)."""
         return sum(len(f) for i, f in self.free.items() if i not in self.closed)
 
+    def num_free_in(self, segment: int) -> int:
+        """Free blocks of one segment (0 when it is closed or absent)."""
+        return len(self.free.get(segment, ())) if segment not in self.closed else 0
+
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free_blocks
 
-    def allocate(self, n: int) -> list[int]:
-        if n > self.num_free_blocks:
-            raise RuntimeError(f"asked for {n} KV blocks, {self.num_free_blocks} free")
+    def allocate(self, n: int, segment: int | None = None) -> list[int]:
+        """``n`` free block ids, from ``segment`` only when given (e.g. the base pool, which is never detached)."""
+        free = self.num_free_blocks if segment is None else self.num_free_in(segment)
+        if n > free:
+            where = "" if segment is None else f" in segment {segment}"
+            raise RuntimeError(f"asked for {n} KV blocks{where}, {free} free")
         out: list[int] = []
         for index in sorted(self.free, reverse=self.extension_first):
-            if index in self.closed:
+            if index in self.closed or (segment is not None and index != segment):
                 continue
             fl = self.free[index]
             while fl and len(out) < n:

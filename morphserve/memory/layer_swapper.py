@@ -26,6 +26,16 @@ Ordering on CUDA (the copy runs on a dedicated copy stream, overlapped with deco
 On CPU the same calls run synchronously (the copy happens in :meth:`issue`).  Several layers may be in flight at
 once (they share the copy stream, so their copies run back to back at the link's bandwidth); a queued swap can be
 cancelled or retargeted until it is issued.
+
+**Staged swaps** (when the swapper has :class:`ScratchBlocks` and enough free KV blocks).  The bytes that must not
+land while the layer still runs (all of a shrinking swap's variant; a growing swap's head) are first copied from
+host to free blocks of the KV pool (scratch), on the copy stream, at the request: the slot is not touched, so
+steps keep running the layer at its old precision with no per-layer hooks (their whole-step or composite graphs
+replay).  Once that copy has landed (an event query, no wait), :meth:`land` enqueues one device-to-device copy per
+run of consecutive scratch blocks into the slot on the compute stream, *between* two steps, switches the layer and
+gives the scratch back.  Stream order does the rest: the copy follows the last step that read the old bytes and
+precedes the first that reads the new ones.  No step waits for the host link: a device-to-device copy of a 7B
+W4 layer (107 MB) takes about 50 us at the H200's measured 4.2 TB/s copy rate (an estimate, not timed alone).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from morphserve.memory.weight_arena import Precision, WeightArena, layout_for
 
 class SwapState(str, Enum):
     QUEUED = "queued"
+    STAGING = "staging"  # a staged swap: its bytes are on their way to scratch blocks; the slot is untouched
     COPYING = "copying"
     DONE = "done"
 
@@ -61,6 +72,12 @@ class Swap:
     done_at: float | None = None
     copy_events: tuple | None = field(default=None, repr=False)  # (start, end) on the copy stream, when timed
     tail_events: tuple | None = field(default=None, repr=False)  # the same for a growing swap's tail part
+    scratch: list[int] | None = None  # a staged swap's KV block ids holding its bytes until it lands
+    staged: torch.cuda.Event | None = field(default=None, repr=False)  # a staged swap's bytes are in scratch
+
+    @property
+    def is_staged(self) -> bool:
+        return self.scratch is not None
 
     @property
     def copy_ms(self) -> float | None:
@@ -84,11 +101,72 @@ def chunked_copy(dst: torch.Tensor, src: torch.Tensor, chunk: int = COPY_CHUNK_B
         dst[off:off + chunk].copy_(src[off:off + chunk], non_blocking=True)
 
 
+class ScratchBlocks:
+    """Device staging space for staged swaps: free blocks of the KV pool's base segment (never closed or detached),
+    allocated through the block manager like a sequence's and held only until the swap lands."""
+
+    def __init__(self, pool, block_manager):
+        self.pool = pool
+        self.block_manager = block_manager
+
+    def blocks_for(self, nbytes: int) -> int:
+        return -(-nbytes // self.pool.block_bytes)
+
+    def take(self, nbytes: int) -> list[int] | None:
+        """Block ids covering ``nbytes`` (ascending), or None when the base segment has too few free blocks."""
+        n = self.blocks_for(nbytes)
+        if n > self.block_manager.num_free_in(0):
+            return None
+        return sorted(self.block_manager.allocate(n, segment=0))
+
+    def give_back(self, ids: list[int]) -> None:
+        self.block_manager.free_blocks(ids)
+
+    def runs(self, ids: list[int]) -> list[torch.Tensor]:
+        """1-D byte views of the blocks, one per run of consecutive ids, in id order."""
+        out, mask, start = [], (1 << self.pool.shift) - 1, 0
+        for k in range(1, len(ids) + 1):
+            if k == len(ids) or ids[k] != ids[k - 1] + 1 or ids[k] >> self.pool.shift != ids[start] >> self.pool.shift:
+                seg = self.pool.segments[ids[start] >> self.pool.shift].tensor
+                lo = ids[start] & mask
+                out.append(seg[lo:lo + k - start].reshape(-1).view(torch.uint8))
+                start = k
+        return out
+
+
+def scatter_copy(dsts: list[torch.Tensor], src: torch.Tensor, chunk: int | None = COPY_CHUNK_BYTES) -> None:
+    """Copy the 1-D byte tensor ``src`` into the concatenation of the 1-D byte tensors ``dsts`` (non-blocking)."""
+    off = 0
+    for d in dsts:
+        n = min(d.numel(), src.numel() - off)
+        if n <= 0:
+            break
+        if chunk:
+            chunked_copy(d[:n], src[off:off + n], chunk)
+        else:
+            d[:n].copy_(src[off:off + n], non_blocking=True)
+        off += n
+
+
+def gather_copy(dst: torch.Tensor, srcs: list[torch.Tensor]) -> None:
+    """Copy the concatenation of the 1-D byte tensors ``srcs`` into ``dst`` (non-blocking, one copy per source)."""
+    off = 0
+    for sv in srcs:
+        n = min(sv.numel(), dst.numel() - off)
+        if n <= 0:
+            break
+        dst[off:off + n].copy_(sv[:n], non_blocking=True)
+        off += n
+
+
 class LayerSwapper:
-    def __init__(self, arena: WeightArena, staged, device: torch.device | str, time_copies: bool = False):
+    def __init__(self, arena: WeightArena, staged, device: torch.device | str, time_copies: bool = False,
+                 scratch: ScratchBlocks | None = None):
         """``staged``: a :class:`morphserve.quant.staging.StagedVariants` holding every variant to swap to.
-        ``time_copies``: record CUDA events around each copy (benchmarks)."""
+        ``time_copies``: record CUDA events around each copy (benchmarks).  ``scratch``: where staged swaps keep
+        their bytes (see the module); without it every swap copies into the slot in place."""
         self.arena = arena
+        self.scratch = scratch
         self.staged = staged
         self.device = torch.device(device)
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
@@ -128,13 +206,77 @@ class LayerSwapper:
         cfg, dtype = self.arena.cfg, self.arena.dtype
         nbytes = layout_for(dst, cfg, dtype).nbytes
         swap = Swap(layer, src, dst, nbytes, grows=nbytes > layout_for(src, cfg, dtype).nbytes)
+        if self.scratch is not None:
+            swap.scratch = self.scratch.take(self._head_bytes(swap))
         if self.copy_stream is not None:
             swap.fence = torch.cuda.Event()
             swap.fence.record(torch.cuda.current_stream(self.device))
             if swap.grows:
                 self._copy_tail(swap)
+        elif swap.grows and swap.is_staged:
+            buf = self.staged.buffer(layer, dst)
+            cur = layout_for(src, cfg, dtype).nbytes
+            self.arena.slot(layer)[cur:buf.numel()].copy_(buf[cur:])
+        if swap.is_staged:
+            self._stage(swap)
         self.swaps[layer] = swap
         return swap
+
+    def _head_bytes(self, s: Swap) -> int:
+        """The bytes that overwrite what the layer reads at its current precision: all of a shrinking swap's
+        variant, a growing swap's part over the current variant."""
+        return layout_for(s.src, self.arena.cfg, self.arena.dtype).nbytes if s.grows else s.nbytes
+
+    def _stage(self, s: Swap) -> None:
+        """Copy a staged swap's head bytes from its pinned buffer into its scratch blocks (copy stream, behind all
+        work launched so far: the blocks' previous users)."""
+        head = self.staged.buffer(s.layer, s.dst)[:self._head_bytes(s)]
+        runs = self.scratch.runs(s.scratch)
+        s.state = SwapState.STAGING
+        s.issued_at = time.perf_counter()
+        if self.copy_stream is None:
+            scatter_copy(runs, head, chunk=None)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(s.fence)
+            if self.time_copies:
+                s.copy_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                s.copy_events[0].record(self.copy_stream)
+            scatter_copy(runs, head)
+            if self.time_copies:
+                s.copy_events[1].record(self.copy_stream)
+            s.staged = torch.cuda.Event()
+            s.staged.record(self.copy_stream)
+
+    def staging(self) -> list[Swap]:
+        return [s for s in self.swaps.values() if s.state is SwapState.STAGING]
+
+    def land(self, wait: bool = False) -> list[Swap]:
+        """Finish every staged swap whose bytes are in scratch (with ``wait``: every staged swap, the compute
+        stream waiting for the copies): one device-to-device copy per scratch run into the slot on the compute
+        stream, switch the layer, give the scratch back.  Call between steps (before the next one is launched).
+        Returns the swaps that landed."""
+        landed = []
+        for s in self.staging():
+            events = [e for e in (s.staged, s.tail_ready) if e is not None]
+            if not wait and not all(e.query() for e in events):
+                continue
+            slot = self.arena.slot(s.layer)
+            if self.copy_stream is not None:
+                stream = torch.cuda.current_stream(self.device)
+                for e in events:
+                    stream.wait_event(e)
+            gather_copy(slot[:self._head_bytes(s)], self.scratch.runs(s.scratch))
+            self.scratch.give_back(s.scratch)  # later users of the blocks are ordered after the copy (same stream)
+            self.arena.set_precision(s.layer, s.dst)
+            s.switched = True
+            s.state = SwapState.DONE
+            s.done_at = time.perf_counter()
+            self.bytes_copied += self.staged.buffer(s.layer, s.dst).numel()
+            del self.swaps[s.layer]
+            self.completed.append(s)
+            landed.append(s)
+        return landed
 
     def _copy_tail(self, s: Swap) -> None:
         """Enqueue a growing swap's tail part (the bytes beyond the current variant) behind all work launched so
@@ -157,26 +299,32 @@ class LayerSwapper:
         """Forget a queued swap.  If its tail copy was enqueued, later compute-stream work (which may reuse the
         slot's tail, e.g. as KV blocks again) is ordered after that copy."""
         s = self.swaps.pop(layer, None)
-        if s is not None and s.tail_ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(s.tail_ready)
+        if s is None:
+            return
+        for e in (s.tail_ready, s.staged):
+            if e is not None:
+                torch.cuda.current_stream(self.device).wait_event(e)
+        if s.scratch is not None:
+            self.scratch.give_back(s.scratch)  # the compute stream is ordered after the staging copy (above)
 
     def cancel(self, layer: int) -> bool:
-        """Drop a queued (not yet issued) swap; True if one was dropped."""
+        """Drop a queued (not yet issued) or staging (not yet landed) swap; True if one was dropped."""
         s = self.swaps.get(layer)
-        if s is not None and s.state is SwapState.QUEUED:
+        if s is not None and s.state in (SwapState.QUEUED, SwapState.STAGING):
             self._drop(layer)
             return True
         return False
 
     def active(self) -> bool:
-        """True while any swap is queued or in flight (steps then run eagerly, with the per-layer hooks)."""
-        return bool(self.swaps)
+        """True while any in-place swap is queued or in flight (steps then run with the per-layer hooks; staged
+        swaps need none)."""
+        return any(not s.is_staged for s in self.swaps.values())
 
     def queued(self) -> list[Swap]:
         return [s for s in self.swaps.values() if s.state is SwapState.QUEUED]
 
     def in_flight(self) -> list[Swap]:
-        return [s for s in self.swaps.values() if s.state is SwapState.COPYING]
+        return [s for s in self.swaps.values() if s.state in (SwapState.COPYING, SwapState.STAGING)]
 
     # ---- step hooks -----------------------------------------------------------------------------------------
     def step_precision(self, layer: int) -> Precision:
