@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_fastpath import copy_bandwidth as fastpath_copy_bandwidth  # noqa: E402
 from morphserve.kernels.attention import (DecodeTuning, PagedAttentionMetadata, decode_splits,  # noqa: E402
                                           decode_tuning, paged_attention_decode)
 from morphserve.kernels.kv_store import KVAddress  # noqa: E402
@@ -42,19 +43,8 @@ BLOCK = 16
 
 
 def copy_bandwidth(nbytes: int = 1 << 31) -> float:
-    src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(8):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        if i >= 2:
-            times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    return 2 * nbytes / statistics.median(times)
+    """Device-to-device copy rate in bytes/s, read plus write (:func:`benchmarks.bench_fastpath.copy_bandwidth`)."""
+    return 2 * nbytes / fastpath_copy_bandwidth(torch.device("cuda"), nbytes, 6)["median_s"]
 
 
 def graph_time(fn, reps: int) -> float:
