@@ -254,8 +254,9 @@ class LayerSwapper:
     def land(self, wait: bool = False) -> list[Swap]:
         """Finish every staged swap whose bytes are in scratch (with ``wait``: every staged swap, the compute
         stream waiting for the copies): one device-to-device copy per scratch run into the slot on the compute
-        stream, switch the layer, give the scratch back.  Call between steps (before the next one is launched).
-        Returns the swaps that landed."""
+        stream, switch the layer, give the scratch back.  Call between two steps' launches (the morpher does it
+        right after a launch, so the copy follows that step and the host work overlaps it).  Returns the swaps
+        that landed."""
         landed = []
         for s in self.staging():
             events = [e for e in (s.staged, s.tail_ready) if e is not None]
@@ -296,8 +297,9 @@ class LayerSwapper:
             s.tail_ready.record(self.copy_stream)
 
     def _drop(self, layer: int) -> None:
-        """Forget a queued swap.  If its tail copy was enqueued, later compute-stream work (which may reuse the
-        slot's tail, e.g. as KV blocks again) is ordered after that copy."""
+        """Forget a queued or staging swap.  If its tail copy or staging copy was enqueued, later compute-stream
+        work (which may reuse the slot's tail or the scratch blocks, e.g. as KV blocks again) is ordered after that
+        copy; a staged swap's scratch blocks go back to the pool."""
         s = self.swaps.pop(layer, None)
         if s is None:
             return
