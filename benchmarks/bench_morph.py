@@ -292,6 +292,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     for r in list(engine.scheduler.running) + list(engine.scheduler.waiting):
         engine.abort(r.request_id)
     med = statistics.median
+    # the composite counters are cumulative over this engine's runs (every batch size and path before this one)
     return {"batch": batch, "context": context, "steps": steps, "staged_swaps": staged_swaps,
             "composite_builds": graphs.num_composite_builds, "composite_updates": graphs.num_composite_updates,
             "composite_steps": graphs.num_composite_steps,
