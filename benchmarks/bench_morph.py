@@ -184,7 +184,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
         sw.issue()
         sw.poll()
         if sw.staging():
-            graphs.prepare(tuple(sw.target(i) for i in range(engine.model.cfg.num_layers)), graphs.last_bucket)
+            graphs.prepare(sw.target_map(), graphs.last_bucket)
         sw.land()
 
     runner.after_launch = issue_and_poll

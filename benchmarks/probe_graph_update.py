@@ -42,6 +42,7 @@ from benchmarks.bench_morph import _land, stage_layers  # noqa: E402
 from benchmarks.probe_swap_step import Composite, cudart, decode_batch, keep_graphs, timed  # noqa: E402
 from morphserve.engine.config import EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
+from morphserve.engine.graph_composite import UpdateResultInfo  # noqa: E402
 from morphserve.memory.layer_swapper import LayerSwapper  # noqa: E402
 from morphserve.memory.weight_arena import Precision  # noqa: E402
 from morphserve.provenance import provenance  # noqa: E402
@@ -54,10 +55,6 @@ UPDATE_RESULTS = {0: "success", 1: "error", 2: "topology changed", 3: "node type
 NODE_TYPES = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "graph", 5: "empty", 6: "wait_event",
               7: "event_record", 8: "ext_sem_signal", 9: "ext_sem_wait", 10: "mem_alloc", 11: "mem_free",
               12: "conditional"}
-
-
-class UpdateResultInfo(ctypes.Structure):
-    _fields_ = [("result", ctypes.c_int), ("errorNode", ctypes.c_void_p), ("errorFromNode", ctypes.c_void_p)]
 
 
 class EdgeData(ctypes.Structure):  # cudaGraphEdgeData

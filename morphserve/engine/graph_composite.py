@@ -45,7 +45,7 @@ def check(rc: int, what: str) -> None:
         raise RuntimeError(f"{what} failed with CUDA error {rc}")
 
 
-class _UpdateResultInfo(ctypes.Structure):  # cudaGraphExecUpdateResultInfo
+class UpdateResultInfo(ctypes.Structure):  # cudaGraphExecUpdateResultInfo
     _fields_ = [("result", ctypes.c_int), ("errorNode", ctypes.c_void_p), ("errorFromNode", ctypes.c_void_p)]
 
 
@@ -99,7 +99,7 @@ class CompositeGraph:
         closed (CUDA leaves a failed update's graph undefined)."""
         rt = cudart()
         g = chain(children)
-        info = _UpdateResultInfo()
+        info = UpdateResultInfo()
         try:
             rc = rt.cudaGraphExecUpdate(self.exec, ctypes.c_void_p(g), ctypes.byref(info))
         finally:

@@ -131,11 +131,10 @@ class Morpher:
             if not swap.grows:
                 self.resizer.grow(swap.layer, swap.dst)
         self.swapper.poll()
-        graphs = getattr(self.engine.runner, "graphs", None)
+        graphs = self.engine.runner.graphs
         if graphs is not None and graphs.last_bucket is not None and self.swapper.staging():
             # before landing: a small staged copy may already be done, and the next step needs the composite
-            graphs.prepare(tuple(self.swapper.target(i) for i in range(self.engine.model.arena.cfg.num_layers)),
-                           graphs.last_bucket)
+            graphs.prepare(self.swapper.target_map(), graphs.last_bucket)
         self._land()
         self._step += 1
 

@@ -134,29 +134,32 @@ class ScratchBlocks:
         return out
 
 
-def scatter_copy(dsts: list[torch.Tensor], src: torch.Tensor, chunk: int | None = COPY_CHUNK_BYTES) -> None:
-    """Copy the 1-D byte tensor ``src`` into the concatenation of the 1-D byte tensors ``dsts`` (non-blocking)."""
+def _pieces(runs: list[torch.Tensor], flat: torch.Tensor):
+    """Pairs ``(run[:n], flat[off:off + n])`` that lay the 1-D byte tensor ``flat`` over the concatenation of
+    ``runs``, in order, until ``flat`` is used up."""
     off = 0
-    for d in dsts:
-        n = min(d.numel(), src.numel() - off)
+    for r in runs:
+        n = min(r.numel(), flat.numel() - off)
         if n <= 0:
-            break
-        if chunk:
-            chunked_copy(d[:n], src[off:off + n], chunk)
-        else:
-            d[:n].copy_(src[off:off + n], non_blocking=True)
+            return
+        yield r[:n], flat[off:off + n]
         off += n
+
+
+def scatter_copy(dsts: list[torch.Tensor], src: torch.Tensor, chunk: int | None = COPY_CHUNK_BYTES) -> None:
+    """Copy the 1-D byte tensor ``src`` into the concatenation of the 1-D byte tensors ``dsts`` (non-blocking; in
+    pieces of ``chunk`` bytes, see :func:`chunked_copy`)."""
+    for d, s in _pieces(dsts, src):
+        if chunk:
+            chunked_copy(d, s, chunk)
+        else:
+            d.copy_(s, non_blocking=True)
 
 
 def gather_copy(dst: torch.Tensor, srcs: list[torch.Tensor]) -> None:
     """Copy the concatenation of the 1-D byte tensors ``srcs`` into ``dst`` (non-blocking, one copy per source)."""
-    off = 0
-    for sv in srcs:
-        n = min(sv.numel(), dst.numel() - off)
-        if n <= 0:
-            break
-        dst[off:off + n].copy_(sv[:n], non_blocking=True)
-        off += n
+    for s, d in _pieces(srcs, dst):
+        d.copy_(s, non_blocking=True)
 
 
 class LayerSwapper:
@@ -183,6 +186,11 @@ class LayerSwapper:
         """The precision the layer will have once its pending swap (if any) lands."""
         s = self.swaps.get(layer)
         return s.dst if s is not None else self.precision(layer)
+
+    def target_map(self) -> tuple[Precision, ...]:
+        """Every layer's :meth:`target`: the precision map once the pending swaps have landed (the key of its
+        decode graphs)."""
+        return tuple(self.target(i) for i in range(self.arena.cfg.num_layers))
 
     def busy(self, layer: int) -> bool:
         return layer in self.swaps
@@ -211,12 +219,8 @@ class LayerSwapper:
         if self.copy_stream is not None:
             swap.fence = torch.cuda.Event()
             swap.fence.record(torch.cuda.current_stream(self.device))
-            if swap.grows:
-                self._copy_tail(swap)
-        elif swap.grows and swap.is_staged:
-            buf = self.staged.buffer(layer, dst)
-            cur = layout_for(src, cfg, dtype).nbytes
-            self.arena.slot(layer)[cur:buf.numel()].copy_(buf[cur:])
+        if swap.grows and (self.copy_stream is not None or swap.is_staged):
+            self._copy_tail(swap)  # (an in-place swap on CPU copies everything in issue())
         if swap.is_staged:
             self._stage(swap)
         self.swaps[layer] = swap
@@ -237,16 +241,7 @@ class LayerSwapper:
         if self.copy_stream is None:
             scatter_copy(runs, head, chunk=None)
             return
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(s.fence)
-            if self.time_copies:
-                s.copy_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                s.copy_events[0].record(self.copy_stream)
-            scatter_copy(runs, head)
-            if self.time_copies:
-                s.copy_events[1].record(self.copy_stream)
-            s.staged = torch.cuda.Event()
-            s.staged.record(self.copy_stream)
+        s.copy_events, s.staged = self._enqueue(s, lambda: scatter_copy(runs, head))
 
     def staging(self) -> list[Swap]:
         return [s for s in self.swaps.values() if s.state is SwapState.STAGING]
@@ -279,22 +274,32 @@ class LayerSwapper:
             landed.append(s)
         return landed
 
+    def _enqueue(self, s: Swap, copy) -> tuple[tuple | None, torch.cuda.Event]:
+        """Run ``copy()`` (enqueues copies) on the copy stream behind ``s.fence``; returns the (start, end) timing
+        events when timing copies, and an event recorded after the copies."""
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(s.fence)
+            timed = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
+                if self.time_copies else None
+            if timed:
+                timed[0].record(self.copy_stream)
+            copy()
+            if timed:
+                timed[1].record(self.copy_stream)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        return timed, done
+
     def _copy_tail(self, s: Swap) -> None:
         """Enqueue a growing swap's tail part (the bytes beyond the current variant) behind all work launched so
         far (the last reads of the detached KV segment that lived there)."""
         buf = self.staged.buffer(s.layer, s.dst)
         cur = layout_for(s.src, self.arena.cfg, self.arena.dtype).nbytes
         slot = self.arena.slot(s.layer)
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(s.fence)
-            if self.time_copies:
-                s.tail_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                s.tail_events[0].record(self.copy_stream)
-            chunked_copy(slot[cur:buf.numel()], buf[cur:])
-            if self.time_copies:
-                s.tail_events[1].record(self.copy_stream)
-            s.tail_ready = torch.cuda.Event()
-            s.tail_ready.record(self.copy_stream)
+        if self.copy_stream is None:  # CPU: at once
+            slot[cur:buf.numel()].copy_(buf[cur:])
+            return
+        s.tail_events, s.tail_ready = self._enqueue(s, lambda: chunked_copy(slot[cur:buf.numel()], buf[cur:]))
 
     def _drop(self, layer: int) -> None:
         """Forget a queued or staging swap.  If its tail copy or staging copy was enqueued, later compute-stream
@@ -375,16 +380,7 @@ class LayerSwapper:
             else:
                 # a growing swap's head: the bytes over the current variant (its tail has landed already)
                 n = layout_for(s.src, self.arena.cfg, self.arena.dtype).nbytes if s.grows else buf.numel()
-                with torch.cuda.stream(self.copy_stream):
-                    self.copy_stream.wait_event(s.fence)
-                    if self.time_copies:
-                        s.copy_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                        s.copy_events[0].record(self.copy_stream)
-                    chunked_copy(slot[:n], buf[:n])
-                    if self.time_copies:
-                        s.copy_events[1].record(self.copy_stream)
-                    s.ready = torch.cuda.Event()
-                    s.ready.record(self.copy_stream)
+                s.copy_events, s.ready = self._enqueue(s, lambda: chunked_copy(slot[:n], buf[:n]))
                 s.state = SwapState.COPYING
             self.bytes_copied += buf.numel()
             issued.append(s)
