@@ -27,6 +27,7 @@ import morphserve.quant  # noqa: E402,F401  (registers W8/W4)
 from benchmarks.bench_fastpath import inject_decoding  # noqa: E402
 from morphserve.engine.config import ACTIVATION_RESERVE_BYTES, EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
+from morphserve.engine.morpher import StagedLanding  # noqa: E402
 from morphserve.memory.kv_pool import KVPool  # noqa: E402
 from morphserve.memory.kv_resizer import KVResizer  # noqa: E402
 from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks, chunked_copy  # noqa: E402
@@ -128,8 +129,9 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     starts on a fresh batch at ``context`` (see ``fresh``).
 
     ``staged_swaps``: the swaps are staged (bytes through scratch KV blocks, landing between steps): as the morpher
-    does, right after each launch the swapper lands the swaps whose bytes are in scratch and the destination map's
-    composite graph is prepared (both inside the step's timed window)."""
+    does (:class:`~morphserve.engine.morpher.StagedLanding`), right after each launch the destination map's
+    composite graph is requested from the builder thread and the swaps whose bytes are in scratch land once it is
+    built (both inside the step's timed window)."""
     scratch_blocks = ScratchBlocks(engine.pool, engine.block_manager) if staged_swaps else None
     sw = LayerSwapper(engine.model.arena, staged, engine.device, scratch=scratch_blocks)
     rng = np.random.default_rng(0)
@@ -180,12 +182,12 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     engine.morpher = None
     runner.hooks = sw
 
+    landing = StagedLanding(sw, runner)
+
     def issue_and_poll():
         sw.issue()
         sw.poll()
-        if sw.staging():
-            graphs.prepare(sw.target_map(), graphs.last_bucket)
-        sw.land()
+        landing.after_launch()
 
     runner.after_launch = issue_and_poll
     cycle = [(layers[k % len(layers)], P.W4 if (k // len(layers)) % 2 == 0 else P.FP16) for k in range(steps + 2)]
@@ -295,7 +297,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     # the composite counters are cumulative over this engine's runs (every batch size and path before this one)
     return {"batch": batch, "context": context, "steps": steps, "staged_swaps": staged_swaps,
             "composite_builds": graphs.num_composite_builds, "composite_updates": graphs.num_composite_updates,
-            "composite_steps": graphs.num_composite_steps,
+            "composite_steps": graphs.num_composite_steps, "landing_deferrals": landing.num_deferrals,
             "no_swap_graph_ms": 1e3 * med(base_graph),
             "no_swap_layerwise_ms": 1e3 * med(base_layerwise),
             "no_swap_eager_ms": 1e3 * med(base_eager),

@@ -42,7 +42,7 @@ from benchmarks.bench_morph import _land, stage_layers  # noqa: E402
 from benchmarks.probe_swap_step import Composite, cudart, decode_batch, keep_graphs, timed  # noqa: E402
 from morphserve.engine.config import EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
-from morphserve.engine.graph_composite import UpdateResultInfo  # noqa: E402
+from morphserve.engine.graph_composite import UpdateResultInfo, structure  # noqa: E402
 from morphserve.memory.layer_swapper import LayerSwapper  # noqa: E402
 from morphserve.memory.weight_arena import Precision  # noqa: E402
 from morphserve.provenance import provenance  # noqa: E402
@@ -52,41 +52,6 @@ P = Precision
 UPDATE_RESULTS = {0: "success", 1: "error", 2: "topology changed", 3: "node type changed", 4: "function changed",
                   5: "parameters changed", 6: "not supported", 7: "unsupported function change",
                   8: "attributes changed"}
-NODE_TYPES = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "graph", 5: "empty", 6: "wait_event",
-              7: "event_record", 8: "ext_sem_signal", 9: "ext_sem_wait", 10: "mem_alloc", 11: "mem_free",
-              12: "conditional"}
-
-
-class EdgeData(ctypes.Structure):  # cudaGraphEdgeData
-    _fields_ = [("from_port", ctypes.c_ubyte), ("to_port", ctypes.c_ubyte), ("type", ctypes.c_ubyte),
-                ("reserved", ctypes.c_ubyte * 5)]
-
-
-def structure(rt: ctypes.CDLL, graph: int) -> tuple[list[str], list[tuple]]:
-    """The graph's node types (in the order the runtime lists them) and its edges as (from index, to index,
-    from port, to port, type); a programmatic (PDL) edge has type 1."""
-    n = ctypes.c_size_t(0)
-    g = ctypes.c_void_p(graph)
-    rt.cudaGraphGetNodes(g, None, ctypes.byref(n))
-    nodes = (ctypes.c_void_p * n.value)()
-    rt.cudaGraphGetNodes(g, nodes, ctypes.byref(n))
-    index = {nd: k for k, nd in enumerate(nodes)}
-    types = []
-    for node in nodes:
-        t = ctypes.c_int(-1)
-        rt.cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(t))
-        types.append(NODE_TYPES.get(t.value, str(t.value)))
-    # CUDA 12.3-12.9 name the edge-data variant _v2; CUDA 13 made it the plain name
-    get_edges = getattr(rt, "cudaGraphGetEdges_v2", None) or rt.cudaGraphGetEdges
-    m = ctypes.c_size_t(0)
-    get_edges(g, None, None, None, ctypes.byref(m))
-    frm, to, data = (ctypes.c_void_p * m.value)(), (ctypes.c_void_p * m.value)(), (EdgeData * m.value)()
-    rc = get_edges(g, frm, to, data, ctypes.byref(m))
-    edges = [(index.get(frm[k]), index.get(to[k]), data[k].from_port, data[k].to_port, data[k].type)
-             for k in range(m.value)] if rc == 0 else [("error", rc)]
-    return types, sorted(edges, key=str)
-
-
 def probe(name: str, batches: list[int], context: int, reps: int, rt: ctypes.CDLL) -> dict:
     engine = LLMEngine(EngineConfig(model=name, device="cuda", dtype="float16", num_kv_blocks=3072,
                                     max_num_seqs=max(batches + [8])))
@@ -105,7 +70,7 @@ def probe(name: str, batches: list[int], context: int, reps: int, rt: ctypes.CDL
                 lg[(i, p)] = graphs.capture_layer(i, p, b)
         row: dict = {"batch": batch, "bucket": b, "structure": [], "updates": []}
         for i in layers:
-            st = {p.value: structure(rt, lg[(i, p)].graph.raw_cuda_graph()) for p in (P.FP16, P.W8, P.W4)}
+            st = {p.value: structure(lg[(i, p)].graph.raw_cuda_graph()) for p in (P.FP16, P.W8, P.W4)}
             row["structure"].append({"layer": i, **{f"{k}_nodes": len(v[0]) for k, v in st.items()},
                                      **{f"{k}_types": v[0] for k, v in st.items()},
                                      **{f"{k}_edges": v[1] for k, v in st.items()},

@@ -156,16 +156,56 @@ def test_composite_retargeted_in_place_equals_its_map(wide):
     g.max_maps = 1  # every new map re-targets the bucket's one composite (or replaces it)
     hb = _decode_chunks(engine)
     b = g.bucket_for(hb.num_seqs)
-    for layer, dst in ((1, P.W4), (3, P.W8), (1, P.FP16), (0, P.W4)):
+    old = None
+    for layer, dst in ((1, P.W4), (3, P.W8), (1, P.FP16), (0, P.W4), (1, P.W4), (1, P.FP16)):
         swapper.request(layer, dst)
         swapper.land(wait=True)
         key = g.precision_key()
+        sig = tuple(g.layer_structure(i, p, b) for i, p in enumerate(key))
+        updates, builds = g.num_composite_updates, g.num_composite_builds
         comp = g.prepare(key, b)
+        # re-targeted exactly when the old composite's layer structures are the new map's, else built anew
+        assert (g.num_composite_updates - updates, g.num_composite_builds - builds) == \
+            ((1, 0) if old is not None and old.signature == sig else (0, 1))
+        assert comp.signature == sig and list(g.composites[b]) == [key]
+        old = comp
         g._upload(hb, b)
         comp.launch()
         got = g.layer_graphs[(len(key) - 1, key[-1], b)].logits[:hb.num_seqs].clone()
         torch.testing.assert_close(got, g.run_layerwise(hb), rtol=0, atol=0)
-    assert g.num_composite_updates + g.num_composite_builds == 4
+    assert g.num_composite_updates + g.num_composite_builds == 6 and g.num_composite_update_failures == 0
+
+
+def test_composites_are_built_on_the_builder_thread(wide):
+    """``prepare(wait=False)`` hands the build to the builder thread and returns at once; the next decode step at
+    that map replays the composite, with the per-layer replay's logits."""
+    import threading
+
+    engine, swapper, _ = _engine(wide, 64, graphs=True, staged_swaps=True)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    engine.add_request(PARITY_PROMPTS[0], params)
+    for _ in range(4):
+        engine.step()
+    g = engine.runner.graphs
+    hb = _decode_chunks(engine)
+    b = g.bucket_for(hb.num_seqs)
+    threads, build = [], g._build
+
+    def recorded(*args):
+        threads.append(threading.current_thread().name)
+        return build(*args)
+
+    g._build = recorded
+    swapper.request(2, P.W8)
+    swapper.land(wait=True)
+    key = g.precision_key()
+    assert g.prepare(key, b, wait=False) is None  # handed to the builder
+    g._join_builds()
+    assert g.ready(key, b) and threads and all(t.startswith("composite-build") for t in threads)
+    steps = g.num_composite_steps
+    got = g.run(hb).clone()
+    assert g.num_composite_steps == steps + 1
+    torch.testing.assert_close(got, g.run_layerwise(hb), rtol=0, atol=0)
 
 
 def test_growing_swap_copies_tail_then_head(wide):

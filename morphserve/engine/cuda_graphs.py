@@ -48,10 +48,13 @@ morphing run does not pay a whole-model capture for every transient map.
 between two steps and needs no hooks, so the steps around it can replay one graph each.  For its destination map,
 :meth:`DecodeGraphs.prepare` chains the per-layer graphs (captured with ``keep_graph=True``) as child graphs of one
 executable graph (:mod:`morphserve.engine.graph_composite`): no Python capture, 1-5 ms of instantiation, or about
-0.1 ms when an older composite of the same bucket can be re-targeted in place (same node structure).  The morpher
-calls it right after launching a step, so the host work overlaps the GPU's.  A map with a composite replays it
-until the map changes (a whole-step capture would stall a step for 30-90 ms); the most recent
-:attr:`DecodeGraphs.max_maps` composites are kept per bucket.
+0.1 ms when an older composite of the same bucket can be re-targeted in place.  A re-target is tried only between
+equal node structures (each layer graph's structure is recorded at capture; at batch 8-32 an FP16 layer has more
+kernels than a W8/W4 one, and a doomed update costs about 1 ms).  The build runs on a **builder thread** (the CUDA
+calls release the GIL), so it overlaps the steps instead of lengthening one; the morpher
+(:class:`~morphserve.engine.morpher.StagedLanding`) requests it as soon as a swap is staging and lands the swap only
+once it is built.  A map with a composite replays it until the map changes (a whole-step capture would stall a step
+for 30-90 ms); the most recent :attr:`DecodeGraphs.max_maps` composites are kept per bucket.
 
 All graphs share one memory pool; they are never replayed concurrently and each keeps its own output tensor, so
 their intermediates may alias each other safely.  The logits a replay returns are a view of the graph's output:
@@ -61,13 +64,14 @@ they are valid until the next replay of that graph (the engine samples them befo
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from morphserve.engine.graph_composite import CompositeGraph
+from morphserve.engine.graph_composite import CompositeGraph, structure
 from morphserve.memory.kv_pool import KVPool
 from morphserve.model.kernel_set import KernelSet
 from morphserve.model.llama import ForwardBatch, LlamaModel
@@ -150,6 +154,12 @@ class DecodeGraphs:
         self.num_composite_builds = 0
         self.num_composite_updates = 0
         self.num_composite_steps = 0
+        self.num_composite_update_failures = 0  # updates tried between equal structures that CUDA refused
+        self._layer_structure: dict[tuple[int, Any, int], int] = {}
+        self._structure_ids: dict[tuple, int] = {}
+        self._builder: ThreadPoolExecutor | None = None  # one thread: composites built off the step's host path
+        self._build_stream = torch.cuda.Stream(dev)  # their uploads
+        self._building: dict[tuple[tuple, int], Future] = {}
         self.last_bucket: int | None = None  # the bucket of the last decode step replayed
 
     # ---- layout ---------------------------------------------------------------------------------------------
@@ -280,6 +290,9 @@ class DecodeGraphs:
             graph, logits = self._capture_fn(lambda: self._layer_step(i, st), keep_graph=True)
         finally:
             arena.layers[i] = saved
+        # instantiated here, not at its first replay: a replay then never reads the cudaGraph_t, which the builder
+        # thread may be copying into a composite (a cudaGraph_t must not be accessed from two threads at once)
+        graph.instantiate()
         g = self.layer_graphs[key] = _Graph(graph, logits)
         self.num_layer_captures += 1
         return g
@@ -310,37 +323,114 @@ class DecodeGraphs:
         return graphs[-1].logits[:s]
 
     # ---- composite graphs -----------------------------------------------------------------------------------
-    def prepare(self, key: tuple, b: int) -> CompositeGraph:
-        """The composite graph of precision map ``key`` for bucket ``b``, built now if missing: its layer graphs are
-        captured if needed, then the bucket's least recently used composite is re-targeted in place when the bucket
-        already holds :attr:`max_maps` of them and the structures match, else a new one is instantiated."""
+    def layer_structure(self, i: int, precision, b: int) -> int:
+        """An id of the node structure of layer ``i``'s graph at ``precision`` in bucket ``b`` (captured if
+        needed): equal ids, equal :func:`~morphserve.engine.graph_composite.structure`."""
+        k = (i, precision, b)
+        sid = self._layer_structure.get(k)
+        if sid is None:
+            st = structure(self.capture_layer(i, precision, b).graph.raw_cuda_graph())
+            sid = self._layer_structure[k] = self._structure_ids.setdefault(st, len(self._structure_ids))
+        return sid
+
+    def _collect(self) -> None:
+        """Take the finished background builds into their buckets' composites (re-raises a build's error),
+        evicting each bucket's least recently used composites beyond :attr:`max_maps`."""
+        for kb, fut in list(self._building.items()):
+            if not fut.done():
+                continue
+            del self._building[kb]
+            c, updated, failed = fut.result()
+            key, b = kb
+            self.num_composite_updates += updated
+            self.num_composite_builds += not updated
+            self.num_composite_update_failures += failed
+            per_b = self.composites.setdefault(b, OrderedDict())
+            per_b[key] = c
+            while len(per_b) > self.max_maps:
+                per_b.popitem(last=False)[1].close()
+
+    def ready(self, key: tuple, b: int) -> bool:
+        """Whether a decode step of precision map ``key`` in bucket ``b`` replays one graph now (its whole-step
+        graph or a built composite)."""
+        self._collect()
+        per_map = self.graphs.get(key)
+        return (per_map is not None and b in per_map) or key in self.composites.get(b, ())
+
+    def _victim(self, per_b: OrderedDict, signature: tuple, b: int) -> CompositeGraph | None:
+        """A composite of bucket ``b`` to re-target instead of instantiating a new one: taken only when the bucket
+        is full (its composites and those being built reach :attr:`max_maps`); the least recently used one with
+        the same layer structures (an update between other structures fails), never the current map's."""
+        building = sum(1 for _, bb in self._building if bb == b)
+        if len(per_b) + building < self.max_maps:
+            return None
+        current = self.precision_key()
+        for k, c in per_b.items():  # least recently used first
+            if c.signature == signature and k != current:
+                del per_b[k]
+                return c
+        return None
+
+    def _build(self, children: list[int], signature: tuple,
+               victim: CompositeGraph | None) -> tuple[CompositeGraph, bool, bool]:
+        """On the builder thread: re-target ``victim`` or instantiate a new composite, upload it on the builder's
+        stream and wait for the upload.  Returns the composite, whether it was an update and whether an update
+        failed first."""
+        stream = self._build_stream
+        if victim is not None:
+            if victim.update(children, signature, stream):
+                victim.synchronize_upload(stream)
+                return victim, True, False
+            victim.close()
+        c = CompositeGraph(children, signature, stream)
+        c.synchronize_upload(stream)
+        return c, False, victim is not None
+
+    def prepare(self, key: tuple, b: int, wait: bool = True) -> CompositeGraph | None:
+        """The composite graph of precision map ``key`` for bucket ``b``.  When it is missing, its layer graphs are
+        captured here if needed (a capture needs this thread's compute stream), then a builder thread re-targets
+        an older composite of the same structure (see :meth:`_victim`) or instantiates a new one, so that the
+        1-8 ms of ``cudaGraphInstantiate`` and upload overlap the steps instead of delaying one (the CUDA calls
+        release the GIL).  ``wait``: block until it is built; else return None while it is being built (a later
+        call, :meth:`ready` or a decode step picks it up)."""
+        self._collect()
         per_b = self.composites.setdefault(b, OrderedDict())
         c = per_b.get(key)
         if c is not None:
             per_b.move_to_end(key)
             return c
-        children = [self.capture_layer(i, p, b).graph.raw_cuda_graph() for i, p in enumerate(key)]
-        if len(per_b) >= self.max_maps:
-            _, c = per_b.popitem(last=False)
-            if c.update(children):
-                self.num_composite_updates += 1
-            else:
-                c.close()
-                c = None
-        if c is None:
-            c = CompositeGraph(children)
-            self.num_composite_builds += 1
-        per_b[key] = c
-        return c
+        fut = self._building.get((key, b))
+        if fut is None:
+            signature = tuple(self.layer_structure(i, p, b) for i, p in enumerate(key))
+            children = [self.layer_graphs[(i, p, b)].graph.raw_cuda_graph() for i, p in enumerate(key)]
+            victim = self._victim(per_b, signature, b)
+            if self._builder is None:
+                dev = self.model.device
+                self._builder = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="composite-build", initializer=torch.cuda.set_device,
+                    initargs=(dev.index if dev.index is not None else torch.cuda.current_device(),))
+            fut = self._building[(key, b)] = self._builder.submit(self._build, children, signature, victim)
+        if not wait:
+            return None
+        fut.result()
+        self._collect()
+        return per_b[key]
+
+    def _join_builds(self) -> None:
+        for fut in list(self._building.values()):
+            fut.exception()  # wait; errors are re-raised by _collect
+        self._collect()
 
     def clear(self) -> None:
         """Drop every captured graph (they are recaptured on demand, e.g. after kernels' launch options changed)."""
+        self._join_builds()  # a build reads the layer graphs freed below
         for per_b in self.composites.values():
             for c in per_b.values():
                 c.close()
         self.composites.clear()
         self.graphs.clear()
         self.layer_graphs.clear()
+        self._layer_structure.clear()
         self._stages.clear()
         self.mempool = torch.cuda.graph_pool_handle()
 
@@ -382,6 +472,8 @@ class DecodeGraphs:
         self._steady_steps += 1
         per_map = self.graphs.get(key)
         if per_map is None or b not in per_map:
+            if self._building:
+                self._collect()
             comp = self.composites.get(b, {}).get(key)
             if comp is not None:
                 self.composites[b].move_to_end(key)

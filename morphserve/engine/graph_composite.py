@@ -10,7 +10,7 @@ attribute; at batch 8 and 32 an FP16 layer has one or two kernels more than a W8
 instantiated).
 
 PyTorch has no API for child-graph nodes, so this module calls the CUDA runtime that PyTorch loaded, through
-``ctypes`` (the calls release the GIL).  The per-layer graphs must be captured with ``keep_graph=True`` (their
+``ctypes`` (the calls release the GIL, so a builder thread can instantiate while the engine launches steps).  The per-layer graphs must be captured with ``keep_graph=True`` (their
 ``cudaGraph_t`` is the child); a composite copies its children's nodes, so it stays valid while the per-layer
 graphs' memory (their captured buffers) is alive.
 """
@@ -49,6 +49,44 @@ class UpdateResultInfo(ctypes.Structure):  # cudaGraphExecUpdateResultInfo
     _fields_ = [("result", ctypes.c_int), ("errorNode", ctypes.c_void_p), ("errorFromNode", ctypes.c_void_p)]
 
 
+class EdgeData(ctypes.Structure):  # cudaGraphEdgeData
+    _fields_ = [("from_port", ctypes.c_ubyte), ("to_port", ctypes.c_ubyte), ("type", ctypes.c_ubyte),
+                ("reserved", ctypes.c_ubyte * 5)]
+
+
+NODE_TYPES = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "graph", 5: "empty", 6: "wait_event",
+              7: "event_record", 8: "ext_sem_signal", 9: "ext_sem_wait", 10: "mem_alloc", 11: "mem_free",
+              12: "conditional"}
+
+
+def structure(graph: int) -> tuple[tuple[str, ...], tuple[tuple, ...]]:
+    """The node structure of a ``cudaGraph_t``: its node types (in the order the runtime lists them: creation
+    order for a captured graph) and its edges as (from index, to index, from port, to port, type), sorted; a
+    programmatic (PDL) edge has type 1.  ``cudaGraphExecUpdate`` re-targets an executable graph only to a graph of
+    the same topology and node types, so two graphs with different structures never update into each other (equal
+    structures are necessary, not sufficient: an update may still refuse, e.g. a changed kernel attribute)."""
+    rt = cudart()
+    n = ctypes.c_size_t(0)
+    g = ctypes.c_void_p(graph)
+    check(rt.cudaGraphGetNodes(g, None, ctypes.byref(n)), "cudaGraphGetNodes")
+    nodes = (ctypes.c_void_p * n.value)()
+    check(rt.cudaGraphGetNodes(g, nodes, ctypes.byref(n)), "cudaGraphGetNodes")
+    index = {nd: k for k, nd in enumerate(nodes)}
+    types = []
+    for node in nodes:
+        t = ctypes.c_int(-1)
+        check(rt.cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(t)), "cudaGraphNodeGetType")
+        types.append(NODE_TYPES.get(t.value, str(t.value)))
+    # CUDA 12.3-12.9 name the edge-data variant _v2; CUDA 13 made it the plain name
+    get_edges = getattr(rt, "cudaGraphGetEdges_v2", None) or rt.cudaGraphGetEdges
+    m = ctypes.c_size_t(0)
+    check(get_edges(g, None, None, None, ctypes.byref(m)), "cudaGraphGetEdges")
+    frm, to, data = (ctypes.c_void_p * m.value)(), (ctypes.c_void_p * m.value)(), (EdgeData * m.value)()
+    check(get_edges(g, frm, to, data, ctypes.byref(m)), "cudaGraphGetEdges")
+    edges = [(index[frm[k]], index[to[k]], data[k].from_port, data[k].to_port, data[k].type) for k in range(m.value)]
+    return tuple(types), tuple(sorted(edges))
+
+
 def chain(children: list[int], waits: list[int] | None = None, records: list[int] | None = None) -> int:
     """A new ``cudaGraph_t`` running ``children`` (``cudaGraph_t`` handles) one after another, optionally with an
     event-wait node before and an event-record node after each (``cudaEvent_t`` handles).  The caller owns it."""
@@ -81,8 +119,11 @@ def chain(children: list[int], waits: list[int] | None = None, records: list[int
 class CompositeGraph:
     """An executable graph of chained child graphs, re-targetable to other children of the same structure."""
 
-    def __init__(self, children: list[int]):
+    def __init__(self, children: list[int], signature: object = None, stream: torch.cuda.Stream | None = None):
+        """``signature``: the children's structures (see :func:`structure`), kept for the caller to pick a
+        composite to re-target; ``stream``: the stream of the upload (default: the current one)."""
         rt = cudart()
+        self.signature = signature
         self.exec = ctypes.c_void_p()
         g = chain(children)
         try:
@@ -91,9 +132,10 @@ class CompositeGraph:
         finally:
             rt.cudaGraphDestroy(ctypes.c_void_p(g))
         self.num_updates = 0
-        self.upload()
+        self.upload(stream)
 
-    def update(self, children: list[int]) -> bool:
+    def update(self, children: list[int], signature: object = None,
+               stream: torch.cuda.Stream | None = None) -> bool:
         """Re-target the executable graph to ``children`` in place (``cudaGraphExecUpdate``; launches already
         enqueued are not affected).  False when the structure differs: the graph is then unusable and must be
         closed (CUDA leaves a failed update's graph undefined)."""
@@ -108,7 +150,8 @@ class CompositeGraph:
             rt.cudaGetLastError()  # the failure is also the runtime's last error, which PyTorch would raise later
             return False
         self.num_updates += 1
-        self.upload()
+        self.signature = signature
+        self.upload(stream)
         return True
 
     def upload(self, stream: torch.cuda.Stream | None = None) -> None:
@@ -117,6 +160,11 @@ class CompositeGraph:
         time (a 7B decode step at batch 1: 5.3 ms wall for 4.2 ms on the GPU)."""
         s = stream if stream is not None else torch.cuda.current_stream()
         check(cudart().cudaGraphUpload(self.exec, ctypes.c_void_p(s.cuda_stream)), "cudaGraphUpload")
+
+    def synchronize_upload(self, stream: torch.cuda.Stream) -> None:
+        """Block until the uploads enqueued on ``stream`` are done (``cudaStreamSynchronize`` through ctypes:
+        the GIL is released while it waits, so a builder thread does not hold up the engine)."""
+        check(cudart().cudaStreamSynchronize(ctypes.c_void_p(stream.cuda_stream)), "cudaStreamSynchronize")
 
     def launch(self, stream: torch.cuda.Stream | None = None) -> None:
         s = stream if stream is not None else torch.cuda.current_stream()

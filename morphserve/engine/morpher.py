@@ -14,9 +14,10 @@ With scratch space (:class:`morphserve.memory.layer_swapper.ScratchBlocks`) a sw
 to free KV blocks first and land in the slot between two steps (:meth:`LayerSwapper.land`, in
 :meth:`Morpher.after_step`: the device-to-device copy is enqueued behind the step just launched, and the landing's
 host work, about 0.5 ms on an H200, overlaps that step on the GPU); a down swap's freed bytes are attached when it
-lands.  While a staged swap travels, :meth:`Morpher.after_step` also has the decode graphs build the destination
-map's composite graph for the current batch bucket (host work done while the GPU runs the step just launched), so
-the first step at the new map replays one graph.
+lands.  :class:`StagedLanding` decides when: as soon as a swap is staging, the decode graphs' builder thread
+builds the destination map's composite graph for the current batch bucket, and a swap whose bytes are in lands
+only once the map after landing replays as one graph, so the first step at the new map replays one graph and no
+step waits for an instantiation.
 
 A layer with a copy in flight is left alone until it lands; a release whose layer is sent down again is cancelled.
 Every step appends a timeline entry: precision of each layer, target, KV capacity and use, queue, and the reason of
@@ -31,7 +32,7 @@ from typing import Any
 from morphserve.engine.controller import MorphController
 from morphserve.engine.monitor import ServingMonitor
 from morphserve.memory.kv_resizer import KVResizer, ReleasePolicy
-from morphserve.memory.layer_swapper import LayerSwapper
+from morphserve.memory.layer_swapper import LayerSwapper, Swap
 from morphserve.memory.weight_arena import Precision, layout_for
 
 
@@ -61,6 +62,42 @@ def precision_code(precisions: list[Precision]) -> str:
     return "".join(_CODE[p] for p in precisions)
 
 
+class StagedLanding:
+    """When staged swaps land: right after a launch, once their bytes are in scratch **and** the decode graphs can
+    replay the map after landing as one graph (its whole-step graph or a composite).  Composites are built by the
+    decode graphs' builder thread, requested as soon as a swap is staging, so the first step at the new map replays
+    one graph and no step waits for an instantiation; a landing held for a composite lands anyway after
+    ``max_defer`` launches (a batch that keeps changing buckets must not hold the scratch blocks for ever).
+    Without decode graphs (CPU, eager) swaps land as soon as their bytes are in."""
+
+    def __init__(self, swapper: LayerSwapper, runner=None, max_defer: int = 8):
+        """``runner``: what holds the decode graphs (``runner.graphs``, read at every launch: None without)."""
+        if max_defer < 0:
+            raise ValueError(f"max_defer must be >= 0, got {max_defer}")
+        self.swapper, self.runner, self.max_defer = swapper, runner, max_defer
+        self.deferred = 0  # launches since the swaps now in scratch could have landed
+        self.num_deferrals = 0
+
+    def after_launch(self) -> list[Swap]:
+        sw = self.swapper
+        graphs = self.runner.graphs if self.runner is not None else None
+        b = graphs.last_bucket if graphs is not None else None
+        if b is not None and sw.staging():
+            graphs.prepare(sw.target_map(), b, wait=False)
+        swaps = sw.landable()
+        if not swaps:
+            return []
+        if b is not None and self.deferred < self.max_defer:
+            key = sw.map_after(swaps)
+            if not graphs.ready(key, b):
+                graphs.prepare(key, b, wait=False)
+                self.deferred += 1
+                self.num_deferrals += 1
+                return []
+        self.deferred = 0
+        return sw.land(swaps=swaps)
+
+
 class Morpher:
     def __init__(self, engine, swapper: LayerSwapper, resizer: KVResizer,
                  controller: MorphController | None = None, static_map: list[Precision] | None = None,
@@ -78,12 +115,13 @@ class Morpher:
         self._step = 0
         cfg, dtype = engine.model.arena.cfg, engine.model.arena.dtype
         self._nbytes = {p: layout_for(p, cfg, dtype).nbytes for p in Precision}
+        self.landing = StagedLanding(swapper, engine.runner)
 
     def target(self) -> list[Precision]:
         return self.controller.target_map() if self.controller is not None else list(self.static_map)
 
-    def _land(self, wait: bool = False) -> None:
-        for swap in self.swapper.land(wait):
+    def _landed(self, swaps: list[Swap]) -> None:
+        for swap in swaps:
             if not swap.grows:
                 self.resizer.grow(swap.layer, swap.dst)
 
@@ -131,11 +169,7 @@ class Morpher:
             if not swap.grows:
                 self.resizer.grow(swap.layer, swap.dst)
         self.swapper.poll()
-        graphs = self.engine.runner.graphs
-        if graphs is not None and graphs.last_bucket is not None and self.swapper.staging():
-            # before landing: a small staged copy may already be done, and the next step needs the composite
-            graphs.prepare(self.swapper.target_map(), graphs.last_bucket)
-        self._land()
+        self._landed(self.landing.after_launch())
         self._step += 1
 
     def settle_idle(self) -> None:
@@ -145,7 +179,7 @@ class Morpher:
         for swap in self.swapper.in_flight():
             self.swapper.before_layer(swap.layer)
         self.swapper.poll()
-        self._land(wait=True)
+        self._landed(self.swapper.land(wait=True))
 
     def apply_now(self) -> None:
         """Bring every layer to the target synchronously (static systems at start-up, before any request)."""

@@ -246,17 +246,27 @@ class LayerSwapper:
     def staging(self) -> list[Swap]:
         return [s for s in self.swaps.values() if s.state is SwapState.STAGING]
 
-    def land(self, wait: bool = False) -> list[Swap]:
+    def landable(self) -> list[Swap]:
+        """The staged swaps whose bytes are all in scratch (and a growing swap's tail in the slot): those
+        :meth:`land` would land now."""
+        return [s for s in self.staging() if all(e.query() for e in (s.staged, s.tail_ready) if e is not None)]
+
+    def map_after(self, swaps: list[Swap]) -> tuple[Precision, ...]:
+        """The precision map once ``swaps`` have landed (every other layer as it runs now)."""
+        dst = {s.layer: s.dst for s in swaps}
+        return tuple(dst.get(i, self.precision(i)) for i in range(self.arena.cfg.num_layers))
+
+    def land(self, wait: bool = False, swaps: list[Swap] | None = None) -> list[Swap]:
         """Finish every staged swap whose bytes are in scratch (with ``wait``: every staged swap, the compute
-        stream waiting for the copies): one device-to-device copy per scratch run into the slot on the compute
-        stream, switch the layer, give the scratch back.  Call between two steps' launches (the morpher does it
-        right after a launch, so the copy follows that step and the host work overlaps it).  Returns the swaps
-        that landed."""
+        stream waiting for the copies; with ``swaps``: those of them, from :meth:`landable`): one device-to-device
+        copy per scratch run into the slot on the compute stream, switch the layer, give the scratch back.  Call
+        between two steps' launches (the morpher does it right after a launch, so the copy follows that step and
+        the host work overlaps it).  Returns the swaps that landed."""
         landed = []
-        for s in self.staging():
+        for s in (self.staging() if wait else self.landable()) if swaps is None else swaps:
+            if s.state != SwapState.STAGING:
+                raise ValueError(f"layer {s.layer}'s swap is {s.state.value}, not staging: it cannot land")
             events = [e for e in (s.staged, s.tail_ready) if e is not None]
-            if not wait and not all(e.query() for e in events):
-                continue
             slot = self.arena.slot(s.layer)
             if self.copy_stream is not None:
                 stream = torch.cuda.current_stream(self.device)
