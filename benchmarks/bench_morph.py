@@ -27,7 +27,7 @@ import morphserve.quant  # noqa: E402,F401  (registers W8/W4)
 from benchmarks.bench_fastpath import inject_decoding  # noqa: E402
 from morphserve.engine.config import ACTIVATION_RESERVE_BYTES, EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
-from morphserve.engine.morpher import StagedLanding  # noqa: E402
+from morphserve.engine.morpher import land_staged  # noqa: E402
 from morphserve.memory.kv_pool import KVPool  # noqa: E402
 from morphserve.memory.kv_resizer import KVResizer  # noqa: E402
 from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks, chunked_copy  # noqa: E402
@@ -119,7 +119,8 @@ class _LayerwiseNoSwap:
 
 
 def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps: int = 24,
-                        bare_mib: tuple[int, ...] = (), staged_swaps: bool = False) -> dict:
+                        bare_mib: tuple[int, ...] = (), staged_swaps: bool = False,
+                        segment_layers: int | None = None) -> dict:
     """Steady decode of ``batch`` requests.  Per-step wall time: the host clock around ``engine.step()``, which
     returns once the step's sampled tokens are on the host (the copy stream is never synchronised, so a copy
     overlaps the steps as in serving).  Four settings on the same requests: no swap with the whole-step graph, no
@@ -129,10 +130,13 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     starts on a fresh batch at ``context`` (see ``fresh``).
 
     ``staged_swaps``: the swaps are staged (bytes through scratch KV blocks, landing between steps): as the morpher
-    does (:class:`~morphserve.engine.morpher.StagedLanding`), right after each launch the destination map's
-    composite graph is requested from the builder thread and the swaps whose bytes are in scratch land once it is
-    built (both inside the step's timed window)."""
+    does (:func:`~morphserve.engine.morpher.land_staged`), right after each launch the destination map's
+    composite graphs are built and the swaps whose bytes are in scratch land (both inside the step's timed
+    window).  ``segment_layers``: layers per composite segment (None: the decode graphs' default)."""
     scratch_blocks = ScratchBlocks(engine.pool, engine.block_manager) if staged_swaps else None
+    if segment_layers is not None:
+        engine.runner.graphs.drop_composites()  # built for another segment size
+        engine.runner.graphs.segment_layers = segment_layers
     sw = LayerSwapper(engine.model.arena, staged, engine.device, scratch=scratch_blocks)
     rng = np.random.default_rng(0)
 
@@ -182,12 +186,10 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     engine.morpher = None
     runner.hooks = sw
 
-    landing = StagedLanding(sw, runner)
-
     def issue_and_poll():
         sw.issue()
         sw.poll()
-        landing.after_launch()
+        land_staged(sw, graphs)
 
     runner.after_launch = issue_and_poll
     cycle = [(layers[k % len(layers)], P.W4 if (k // len(layers)) % 2 == 0 else P.FP16) for k in range(steps + 2)]
@@ -297,7 +299,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     # the composite counters are cumulative over this engine's runs (every batch size and path before this one)
     return {"batch": batch, "context": context, "steps": steps, "staged_swaps": staged_swaps,
             "composite_builds": graphs.num_composite_builds, "composite_updates": graphs.num_composite_updates,
-            "composite_steps": graphs.num_composite_steps, "landing_deferrals": landing.num_deferrals,
+            "composite_steps": graphs.num_composite_steps, "segment_layers": graphs.segment_layers,
             "no_swap_graph_ms": 1e3 * med(base_graph),
             "no_swap_layerwise_ms": 1e3 * med(base_layerwise),
             "no_swap_eager_ms": 1e3 * med(base_eager),
@@ -382,9 +384,11 @@ def run_model(name: str, h2d: float, args) -> dict:
     out = {"model": name, "synthetic_weights": engine.synthetic_weights,
            "slot_bytes": engine.model.arena.slot_bytes,
            "swaps": swap_times(engine, staged, layers, h2d)}
+    runs = [(st, seg) for st in args.swap_paths for seg in (args.segment_layers if st else [None])]
     out["decode_during_swaps"] = [decode_during_swaps(engine, staged, layers, b, args.context,
-                                                      bare_mib=tuple(args.bare_copy_mib), staged_swaps=st)
-                                  for st in args.swap_paths for b in args.batch_sizes]
+                                                      bare_mib=tuple(args.bare_copy_mib), staged_swaps=st,
+                                                      segment_layers=seg)
+                                  for st, seg in runs for b in args.batch_sizes]
     out["segment"] = segment_ops(engine, staged, layers[1])
     out["kv_capacity_24GB"] = kv_capacity(name)
     del engine, staged
@@ -394,7 +398,9 @@ def run_model(name: str, h2d: float, args) -> dict:
 
 def _label(d: dict) -> str:
     """A decode-during-swaps row's batch and swap path."""
-    return f"{d['batch']} ({'staged' if d.get('staged_swaps') else 'in-place'})"
+    if not d.get("staged_swaps"):
+        return f"{d['batch']} (in-place)"
+    return f"{d['batch']} (staged, {d.get('segment_layers', 'all')}-layer segments)"
 
 
 def markdown(res: dict) -> str:
@@ -464,6 +470,8 @@ def main() -> None:
                     help="also time steps with a bare host-to-device copy of this many MiB issued before each")
     ap.add_argument("--swap-paths", default="in-place,staged",
                     help="swap paths to time: in-place (per-layer graphs with hooks), staged (scratch + composites)")
+    ap.add_argument("--segment-layers", type=int, nargs="+", default=[8],
+                    help="layers per composite segment for the staged path (each value is one staged run)")
     ap.add_argument("--source-commit", default=None, help="the commit of the tree (the box's git metadata is stale)")
     ap.add_argument("--out", default="benchmarks/results/morph.json")
     args = ap.parse_args()

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Where the host time of a staged swap's steps goes (issue #5), on synthetic weights.
 
-``bench_morph.py`` (run 13) shows the steps of a staged swap at batch 8-32 exceeding the no-swap step by 0.5-2 ms
-of host time while their GPU time stays at the no-swap level: the step whose after-launch hook requests the
-destination map's composite (built on the builder thread), and the step whose hook lands the swap (2-3 ms of
-``host_launch``).  This probe separates the candidates:
+``bench_morph.py`` (run 13, composites then built on a builder thread) showed the steps of a staged swap at batch
+8-32 exceeding the no-swap step by 0.5-2 ms of host time while their GPU time stayed at the no-swap level: the
+step during which the composite was built, and the step whose hook landed the swap (2-3 ms of ``host_launch``).
+This probe separates the candidates:
 
-1. **Interference of a builder thread** with the engine's thread: median wall time of whole-graph decode steps with
-   the builder thread idle, instantiating composites back to back (``cudaGraphInstantiate`` + upload + destroy:
+1. **Interference of a second thread** with the engine's thread: median wall time of whole-graph decode steps with
+   the second thread idle, instantiating composites back to back (``cudaGraphInstantiate`` + upload + destroy:
    does the CUDA driver serialise it against the launching thread?), and running pure Python (the GIL alone).
 2. **The landing hook, call by call**: single staged swaps (FP16 <-> W4/W8 of three layers) with the host time
    of every call the after-launch hook makes (issue, poll, composite request, readiness check, ``land`` and its
@@ -42,7 +42,7 @@ from benchmarks.bench_morph import stage_layers  # noqa: E402
 from morphserve.engine.config import EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
 from morphserve.engine.graph_composite import CompositeGraph  # noqa: E402
-from morphserve.engine.morpher import StagedLanding  # noqa: E402
+from morphserve.engine.morpher import land_staged  # noqa: E402
 from morphserve.memory import layer_swapper as ls  # noqa: E402
 from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks  # noqa: E402
 from morphserve.memory.weight_arena import Precision  # noqa: E402
@@ -69,8 +69,9 @@ def interference(engine, children: list[int], n: int) -> dict:
         torch.cuda.set_device(engine.device.index or 0)
         stream = torch.cuda.Stream()
         while not stop.is_set():
-            c = CompositeGraph(children, stream=stream)
-            c.synchronize_upload(stream)
+            with torch.cuda.stream(stream):
+                c = CompositeGraph(children)
+            stream.synchronize()
             c.close()
             counts["instantiate"] += 1
 
@@ -131,11 +132,10 @@ def landing_calls(engine, staged, layers: list[int]) -> dict:
     sw = LayerSwapper(engine.model.arena, staged, engine.device, scratch=ScratchBlocks(engine.pool,
                                                                                         engine.block_manager))
     runner, graphs = engine.runner, engine.runner.graphs
-    landing = StagedLanding(sw, runner)
     calls = CallTimes()
     for name in ("issue", "poll", "landable", "land", "map_after"):
         calls.wrap(sw, name, f"swapper.{name}")
-    for name in ("prepare", "ready", "_collect"):
+    for name in ("prepare", "ready"):
         calls.wrap(graphs, name, f"graphs.{name}")
     calls.wrap(sw.arena, "set_precision", "arena.set_precision")
     calls.wrap(sw.scratch, "runs", "scratch.runs")
@@ -155,7 +155,7 @@ def landing_calls(engine, staged, layers: list[int]) -> dict:
         prof.enable()
         sw.issue()
         sw.poll()
-        landing.after_launch()
+        land_staged(sw, graphs)
         prof.disable()
         calls.step["hook"] += 1e3 * (time.perf_counter() - t)
 
@@ -197,7 +197,7 @@ def landing_calls(engine, staged, layers: list[int]) -> dict:
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(35)
     print(s.getvalue()[:6000], flush=True)
-    return {"swaps": rows, "deferrals": landing.num_deferrals, "cprofile_cumulative": s.getvalue()}
+    return {"swaps": rows, "cprofile_cumulative": s.getvalue()}
 
 
 def main() -> None:

@@ -166,51 +166,41 @@ def test_staged_swap_cancel_and_fallback_to_in_place(staged_setup):
 
 
 class _Graphs:
-    """Stands in for the decode graphs (CUDA only) in front of :class:`StagedLanding`: which maps replay as one
-    graph, and which composites were requested."""
+    """Stands in for the decode graphs (CUDA only) in front of :func:`land_staged`: which maps replay without a
+    build, and the maps built, with the layer's precision at the time of each build."""
 
-    def __init__(self, bucket):
-        self.last_bucket = bucket
+    def __init__(self, swapper, layer, bucket=8):
+        self.swapper, self.layer, self.last_bucket = swapper, layer, bucket
         self.built: set = set()
-        self.requested: list = []
+        self.builds: list = []
 
     def ready(self, key, b):
         return (key, b) in self.built
 
-    def prepare(self, key, b, wait=True):
-        assert not wait  # the landing never blocks on a build
-        self.requested.append((key, b))
+    def prepare(self, key, b):
+        self.builds.append((key, b, self.swapper.precision(self.layer)))
+        self.built.add((key, b))
 
 
-def test_staged_landing_waits_for_the_graph_of_the_map_after_landing(staged_setup):
-    from types import SimpleNamespace
-
-    from morphserve.engine.morpher import StagedLanding
+def test_land_staged_builds_the_graphs_of_the_new_map_before_landing(staged_setup):
+    from morphserve.engine.morpher import land_staged
 
     engine, staged = staged_setup
     swapper = _staged_swapper(engine, staged)
-    graphs = _Graphs(bucket=8)
-    landing = StagedLanding(swapper, SimpleNamespace(graphs=graphs), max_defer=3)
+    graphs = _Graphs(swapper, layer=1)
     fp16 = swapper.target_map()
     s = swapper.request(1, P.W4)
     key = swapper.map_after([s])
     assert key == fp16[:1] + (P.W4,) + fp16[2:] == swapper.target_map()
     assert swapper.landable() == [s]  # on CPU the bytes are in scratch at once
-    assert landing.after_launch() == [] and swapper.precision(1) == P.FP16  # no graph for the new map yet
-    assert (key, 8) in graphs.requested and landing.deferred == 1
-    graphs.built.add((key, 8))
-    assert landing.after_launch() == [s] and swapper.precision(1) == P.W4 and landing.deferred == 0
+    assert land_staged(swapper, graphs) == [s] and swapper.precision(1) == P.W4
+    assert graphs.builds == [(key, 8, P.FP16)]  # built once, before the layer switched
     assert engine.block_manager.num_used == 0  # the scratch came back
-    # a build that never comes: the swap lands after max_defer launches anyway, scratch is not held for ever
     s = swapper.request(1, P.FP16)
-    assert [landing.after_launch() for _ in range(3)] == [[], [], []] and swapper.busy(1)
-    assert landing.after_launch() == [s] and swapper.precision(1) == P.FP16
-    assert landing.num_deferrals == 4 and engine.block_manager.num_used == 0
+    graphs.built.add((fp16, 8))  # a map that replays already (e.g. its whole-step graph): nothing to build
+    assert land_staged(swapper, graphs) == [s] and len(graphs.builds) == 1
     # without decode graphs (CPU, eager) a swap lands at the first launch after its bytes are in
-    eager = StagedLanding(swapper, SimpleNamespace(graphs=None))
     s = swapper.request(2, P.W8)
-    assert eager.after_launch() == [s] and eager.num_deferrals == 0
+    assert land_staged(swapper, None) == [s] and swapper.precision(2) == P.W8
     swapper.request(2, P.FP16)
     assert [x.layer for x in swapper.land()] == [2]
-    with pytest.raises(ValueError, match="max_defer"):
-        StagedLanding(swapper, None, max_defer=-1)

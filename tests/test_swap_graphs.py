@@ -145,67 +145,43 @@ def test_swapping_every_step_with_graphs_equals_eager(wide, staged_swaps):
 
 
 def test_composite_retargeted_in_place_equals_its_map(wide):
-    """A composite graph re-targeted to another map (``cudaGraphExecUpdate``, or a new one where the node structure
-    differs) gives exactly the logits of that map's per-layer replay."""
+    """Composite graphs of the maps a run of swaps reaches, in segments of two layers: a swap builds only its
+    layer's segment (the other is shared with the previous map), re-targeting an unused composite
+    (``cudaGraphExecUpdate``) exactly when the layer structures match, and the composites give exactly the
+    logits of the map's per-layer replay."""
     engine, swapper, _ = _engine(wide, 64, graphs=True, staged_swaps=True)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     engine.add_request(PARITY_PROMPTS[0], params)
     for _ in range(4):
         engine.step()
     g = engine.runner.graphs
-    g.max_maps = 1  # every new map re-targets the bucket's one composite (or replaces it)
+    g.max_maps, g.segment_layers = 1, 2  # room for one map's two segments: a new segment replaces an old one
     hb = _decode_chunks(engine)
     b = g.bucket_for(hb.num_seqs)
-    old = None
+    prev = g.prepare(g.precision_key(), b)
     for layer, dst in ((1, P.W4), (3, P.W8), (1, P.FP16), (0, P.W4), (1, P.W4), (1, P.FP16)):
+        seg = layer // 2
+        old_sig = prev[seg].signature
         swapper.request(layer, dst)
         swapper.land(wait=True)
         key = g.precision_key()
-        sig = tuple(g.layer_structure(i, p, b) for i, p in enumerate(key))
+        sig = tuple(g.layer_structure(i, key[i], b) for i in range(2 * seg, 2 * seg + 2))
         updates, builds = g.num_composite_updates, g.num_composite_builds
-        comp = g.prepare(key, b)
-        # re-targeted exactly when the old composite's layer structures are the new map's, else built anew
+        comps = g.prepare(key, b)
         assert (g.num_composite_updates - updates, g.num_composite_builds - builds) == \
-            ((1, 0) if old is not None and old.signature == sig else (0, 1))
-        assert comp.signature == sig and list(g.composites[b]) == [key]
-        old = comp
+            ((1, 0) if old_sig == sig else (0, 1))
+        assert comps[seg].signature == sig and comps[1 - seg] is prev[1 - seg]  # the other segment is shared
+        assert g.ready(key, b) and len(g.composites[b]) == 2
+        prev = comps
         g._upload(hb, b)
-        comp.launch()
+        for c in comps:
+            c.launch()
         got = g.layer_graphs[(len(key) - 1, key[-1], b)].logits[:hb.num_seqs].clone()
         torch.testing.assert_close(got, g.run_layerwise(hb), rtol=0, atol=0)
-    assert g.num_composite_updates + g.num_composite_builds == 6 and g.num_composite_update_failures == 0
-
-
-def test_composites_are_built_on_the_builder_thread(wide):
-    """``prepare(wait=False)`` hands the build to the builder thread and returns at once; the next decode step at
-    that map replays the composite, with the per-layer replay's logits."""
-    import threading
-
-    engine, swapper, _ = _engine(wide, 64, graphs=True, staged_swaps=True)
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    engine.add_request(PARITY_PROMPTS[0], params)
-    for _ in range(4):
-        engine.step()
-    g = engine.runner.graphs
-    hb = _decode_chunks(engine)
-    b = g.bucket_for(hb.num_seqs)
-    threads, build = [], g._build
-
-    def recorded(*args):
-        threads.append(threading.current_thread().name)
-        return build(*args)
-
-    g._build = recorded
-    swapper.request(2, P.W8)
-    swapper.land(wait=True)
-    key = g.precision_key()
-    assert g.prepare(key, b, wait=False) is None  # handed to the builder
-    g._join_builds()
-    assert g.ready(key, b) and threads and all(t.startswith("composite-build") for t in threads)
-    steps = g.num_composite_steps
-    got = g.run(hb).clone()
-    assert g.num_composite_steps == steps + 1
-    torch.testing.assert_close(got, g.run_layerwise(hb), rtol=0, atol=0)
+        steps = g.num_composite_steps  # a decode step at this map replays the composites
+        torch.testing.assert_close(g.run(hb), got, rtol=0, atol=0)
+        assert g.num_composite_steps == steps + 1
+    assert g.num_composite_update_failures == 0
 
 
 def test_growing_swap_copies_tail_then_head(wide):

@@ -45,16 +45,20 @@ current map when it exists; a map is captured whole only after it has been stead
 morphing run does not pay a whole-model capture for every transient map.
 
 **Composite graphs (maps reached by staged swaps).**  A staged swap (:mod:`morphserve.memory.layer_swapper`) lands
-between two steps and needs no hooks, so the steps around it can replay one graph each.  For its destination map,
-:meth:`DecodeGraphs.prepare` chains the per-layer graphs (captured with ``keep_graph=True``) as child graphs of one
-executable graph (:mod:`morphserve.engine.graph_composite`): no Python capture, 1-5 ms of instantiation, or about
-0.1 ms when an older composite of the same bucket can be re-targeted in place.  A re-target is tried only between
-equal node structures (each layer graph's structure is recorded at capture; at batch 8-32 an FP16 layer has more
-kernels than a W8/W4 one, and a doomed update costs about 1 ms).  The build runs on a **builder thread** (the CUDA
-calls release the GIL), so it overlaps the steps instead of lengthening one; the morpher
-(:class:`~morphserve.engine.morpher.StagedLanding`) requests it as soon as a swap is staging and lands the swap only
-once it is built.  A map with a composite replays it until the map changes (a whole-step capture would stall a step
-for 30-90 ms); the most recent :attr:`DecodeGraphs.max_maps` composites are kept per bucket.
+between two steps and needs no hooks, so the steps around it can replay whole graphs.  For its destination map,
+:meth:`DecodeGraphs.prepare` chains the per-layer graphs (captured with ``keep_graph=True``) as child graphs of
+executable graphs (:mod:`morphserve.engine.graph_composite`), one per **segment** of
+:attr:`DecodeGraphs.segment_layers` consecutive layers: no Python capture, and a one-layer swap builds only its
+segment (a quarter of the 32-layer models), since the other segments of the new map were built for the old one.
+A missing segment costs ``cudaGraphInstantiate`` (about 1-5 ms for 32 layers, proportionally less for a segment),
+or about 0.1 ms when an unused composite of the same layer structures can be re-targeted in place
+(``cudaGraphExecUpdate``); each layer graph's structure is recorded at capture, so an update is tried only where it
+can succeed (at batch 8-32 an FP16 layer has more kernels than a W8/W4 one, and a doomed attempt cost about 1 ms).
+The morpher builds it right after launching a step, so the host work overlaps the GPU's
+(:func:`~morphserve.engine.morpher.land_staged`).  A step launches the map's segments one after another (a few
+gap at each of the few boundaries: 10-17 us was measured between per-layer graphs on an H200).  A map with composites replays them until the map
+changes (a whole-step capture would stall a step for 30-90 ms); :attr:`DecodeGraphs.max_maps` maps' worth of
+segments are kept per bucket, least recently used evicted first.
 
 All graphs share one memory pool; they are never replayed concurrently and each keeps its own output tensor, so
 their intermediates may alias each other safely.  The logits a replay returns are a view of the graph's output:
@@ -64,7 +68,6 @@ they are valid until the next replay of that graph (the engine samples them befo
 from __future__ import annotations
 
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,17 +115,18 @@ def graph_buckets(max_num_seqs: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS)
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, pool: KVPool, kernels: KernelSet, max_num_seqs: int,
                  max_blocks_per_seq: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, max_maps: int = 4,
-                 full_capture_after: int = 0):
+                 full_capture_after: int = 0, segment_layers: int = 8):
         """``full_capture_after``: decode steps a precision map must be steady before its whole-step graph is
-        captured (0: at once; a morphing system raises it, see the module docstring)."""
+        captured (0: at once; a morphing system raises it, see the module docstring).  ``segment_layers``: layers
+        per composite segment (see the module docstring)."""
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, got device {model.device}")
         if kernels.name != "triton":
             raise ValueError(f"CUDA graphs need the Triton kernel set (the {kernels.name!r} set synchronises with "
                              f"the host inside the forward)")
-        if max_blocks_per_seq < 1 or max_maps < 1 or full_capture_after < 0:
-            raise ValueError(f"max_blocks_per_seq and max_maps must be >= 1 and full_capture_after >= 0, got "
-                             f"{max_blocks_per_seq}, {max_maps}, {full_capture_after}")
+        if max_blocks_per_seq < 1 or max_maps < 1 or full_capture_after < 0 or segment_layers < 1:
+            raise ValueError(f"max_blocks_per_seq, max_maps and segment_layers must be >= 1 and full_capture_after "
+                             f">= 0, got {max_blocks_per_seq}, {max_maps}, {segment_layers}, {full_capture_after}")
         self.model, self.pool, self.kernels = model, pool, kernels
         self.buckets = graph_buckets(max_num_seqs, buckets)
         self.width = max_blocks_per_seq
@@ -150,16 +154,15 @@ class DecodeGraphs:
         self._steady_steps = 0
         self.num_layer_captures = 0
         self.num_layerwise_steps = 0
-        self.composites: dict[int, OrderedDict[tuple, CompositeGraph]] = {}
+        # bucket -> (first layer of a segment, its layers' precisions) -> composite, least recently used first
+        self.composites: dict[int, OrderedDict[tuple[int, tuple], CompositeGraph]] = {}
         self.num_composite_builds = 0
         self.num_composite_updates = 0
         self.num_composite_steps = 0
         self.num_composite_update_failures = 0  # updates tried between equal structures that CUDA refused
+        self.segment_layers = segment_layers
         self._layer_structure: dict[tuple[int, Any, int], int] = {}
         self._structure_ids: dict[tuple, int] = {}
-        self._builder: ThreadPoolExecutor | None = None  # one thread: composites built off the step's host path
-        self._build_stream = torch.cuda.Stream(dev)  # their uploads
-        self._building: dict[tuple[tuple, int], Future] = {}
         self.last_bucket: int | None = None  # the bucket of the last decode step replayed
 
     # ---- layout ---------------------------------------------------------------------------------------------
@@ -290,9 +293,6 @@ class DecodeGraphs:
             graph, logits = self._capture_fn(lambda: self._layer_step(i, st), keep_graph=True)
         finally:
             arena.layers[i] = saved
-        # instantiated here, not at its first replay: a replay then never reads the cudaGraph_t, which the builder
-        # thread may be copying into a composite (a cudaGraph_t must not be accessed from two threads at once)
-        graph.instantiate()
         g = self.layer_graphs[key] = _Graph(graph, logits)
         self.num_layer_captures += 1
         return g
@@ -333,101 +333,81 @@ class DecodeGraphs:
             sid = self._layer_structure[k] = self._structure_ids.setdefault(st, len(self._structure_ids))
         return sid
 
-    def _collect(self) -> None:
-        """Take the finished background builds into their buckets' composites (re-raises a build's error),
-        evicting each bucket's least recently used composites beyond :attr:`max_maps`."""
-        for kb, fut in list(self._building.items()):
-            if not fut.done():
-                continue
-            del self._building[kb]
-            c, updated, failed = fut.result()
-            key, b = kb
-            self.num_composite_updates += updated
-            self.num_composite_builds += not updated
-            self.num_composite_update_failures += failed
-            per_b = self.composites.setdefault(b, OrderedDict())
-            per_b[key] = c
-            while len(per_b) > self.max_maps:  # destroyed on the builder thread: 0.5-0.8 ms at batch 8-32 (H200)
-                self._builder.submit(per_b.popitem(last=False)[1].close)
+    def segments(self) -> list[tuple[int, int]]:
+        """The layer ranges ``[lo, hi)`` of the composite segments."""
+        n, k = self.model.cfg.num_layers, self.segment_layers
+        return [(lo, min(lo + k, n)) for lo in range(0, n, k)]
+
+    def _composite(self, key: tuple, b: int) -> list[CompositeGraph] | None:
+        """The built segment composites of map ``key`` in bucket ``b`` (marked used), or None if one is missing."""
+        per_b = self.composites.get(b)
+        if not per_b:
+            return None
+        out = []
+        for lo, hi in self.segments():
+            c = per_b.get((lo, key[lo:hi]))
+            if c is None:
+                return None
+            out.append(c)
+        for lo, hi in self.segments():
+            per_b.move_to_end((lo, key[lo:hi]))
+        return out
 
     def ready(self, key: tuple, b: int) -> bool:
-        """Whether a decode step of precision map ``key`` in bucket ``b`` replays one graph now (its whole-step
-        graph or a built composite)."""
-        self._collect()
+        """Whether a decode step of precision map ``key`` in bucket ``b`` replays without any capture or build
+        (its whole-step graph or all its segment composites exist)."""
         per_map = self.graphs.get(key)
-        return (per_map is not None and b in per_map) or key in self.composites.get(b, ())
+        return (per_map is not None and b in per_map) or self._composite(key, b) is not None
 
-    def _victim(self, per_b: OrderedDict, signature: tuple, b: int) -> CompositeGraph | None:
-        """A composite of bucket ``b`` to re-target instead of instantiating a new one: taken only when the bucket
-        is full (its composites and those being built reach :attr:`max_maps`); the least recently used one with
-        the same layer structures (an update between other structures fails), never the current map's."""
-        building = sum(1 for _, bb in self._building if bb == b)
-        if len(per_b) + building < self.max_maps:
-            return None
-        current = self.precision_key()
-        for k, c in per_b.items():  # least recently used first
-            if c.signature == signature and k != current:
-                del per_b[k]
-                return c
-        return None
-
-    def _build(self, children: list[int], signature: tuple,
-               victim: CompositeGraph | None) -> tuple[CompositeGraph, bool, bool]:
-        """On the builder thread: re-target ``victim`` or instantiate a new composite, upload it on the builder's
-        stream and wait for the upload.  Returns the composite, whether it was an update and whether an update
-        failed first."""
-        stream = self._build_stream
-        if victim is not None:
-            if victim.update(children, signature, stream):
-                victim.synchronize_upload(stream)
-                return victim, True, False
-            victim.close()
-        c = CompositeGraph(children, signature, stream)
-        c.synchronize_upload(stream)
-        return c, False, victim is not None
-
-    def prepare(self, key: tuple, b: int, wait: bool = True) -> CompositeGraph | None:
-        """The composite graph of precision map ``key`` for bucket ``b``.  When it is missing, its layer graphs are
-        captured here if needed (a capture needs this thread's compute stream), then a builder thread re-targets
-        an older composite of the same structure (see :meth:`_victim`) or instantiates a new one, so that the
-        1-8 ms of ``cudaGraphInstantiate`` and upload overlap the steps instead of delaying one (the CUDA calls
-        release the GIL).  ``wait``: block until it is built; else return None while it is being built (a later
-        call, :meth:`ready` or a decode step picks it up)."""
-        self._collect()
+    def prepare(self, key: tuple, b: int) -> list[CompositeGraph]:
+        """The segment composites of precision map ``key`` for bucket ``b``, built now where missing (their layer
+        graphs captured first if needed).  A missing segment re-targets an unused composite of the same layer
+        structures when the bucket holds :attr:`max_maps` maps' worth of segments (``cudaGraphExecUpdate``, about
+        0.1 ms), else instantiates a new one (evicting the least recently used).  Segments already built for other
+        maps are shared, so a one-layer swap builds one segment."""
         per_b = self.composites.setdefault(b, OrderedDict())
-        c = per_b.get(key)
-        if c is not None:
-            per_b.move_to_end(key)
-            return c
-        fut = self._building.get((key, b))
-        if fut is None:
-            signature = tuple(self.layer_structure(i, p, b) for i, p in enumerate(key))
-            children = [self.layer_graphs[(i, p, b)].graph.raw_cuda_graph() for i, p in enumerate(key)]
-            victim = self._victim(per_b, signature, b)
-            if self._builder is None:
-                dev = self.model.device
-                self._builder = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="composite-build", initializer=torch.cuda.set_device,
-                    initargs=(dev.index if dev.index is not None else torch.cuda.current_device(),))
-            fut = self._building[(key, b)] = self._builder.submit(self._build, children, signature, victim)
-        if not wait:
-            return None
-        fut.result()
-        self._collect()
-        return per_b[key]
+        cap = self.max_maps * len(self.segments())
+        current = self.precision_key()
+        keep = {(lo, k[lo:hi]) for k in (key, current) for lo, hi in self.segments()}
+        out = []
+        for lo, hi in self.segments():
+            sk = (lo, key[lo:hi])
+            c = per_b.get(sk)
+            if c is None:
+                signature = tuple(self.layer_structure(i, key[i], b) for i in range(lo, hi))
+                children = [self.layer_graphs[(i, key[i], b)].graph.raw_cuda_graph() for i in range(lo, hi)]
+                victim = None
+                if len(per_b) >= cap:
+                    victim = next((k for k, v in per_b.items() if k not in keep and v.signature == signature), None)
+                    if victim is None:  # no same-structure one to re-target: make room
+                        old = next((k for k in per_b if k not in keep), None)
+                        if old is not None:
+                            per_b.pop(old).close()
+                if victim is not None:
+                    c = per_b.pop(victim)
+                    if c.update(children, signature):
+                        self.num_composite_updates += 1
+                    else:
+                        self.num_composite_update_failures += 1
+                        c.close()
+                        c = None
+                if c is None:
+                    c = CompositeGraph(children, signature)
+                    self.num_composite_builds += 1
+                per_b[sk] = c
+            per_b.move_to_end(sk)
+            out.append(c)
+        return out
 
-    def _join_builds(self) -> None:
-        for fut in list(self._building.values()):
-            fut.exception()  # wait; errors are re-raised by _collect
-        self._collect()
-
-    def clear(self) -> None:
-        """Drop every captured graph (they are recaptured on demand, e.g. after kernels' launch options changed)."""
-        self._join_builds()  # a build reads the layer graphs freed below
+    def drop_composites(self) -> None:
         for per_b in self.composites.values():
             for c in per_b.values():
                 c.close()
         self.composites.clear()
+
+    def clear(self) -> None:
+        """Drop every captured graph (they are recaptured on demand, e.g. after kernels' launch options changed)."""
+        self.drop_composites()
         self.graphs.clear()
         self.layer_graphs.clear()
         self._layer_structure.clear()
@@ -472,13 +452,11 @@ class DecodeGraphs:
         self._steady_steps += 1
         per_map = self.graphs.get(key)
         if per_map is None or b not in per_map:
-            if self._building:
-                self._collect()
-            comp = self.composites.get(b, {}).get(key)
+            comp = self._composite(key, b)
             if comp is not None:
-                self.composites[b].move_to_end(key)
                 self._upload(hb, b)
-                comp.launch()
+                for c in comp:
+                    c.launch()
                 self.num_replays += 1
                 self.num_composite_steps += 1
                 return self.layer_graphs[(len(key) - 1, key[-1], b)].logits[:s]

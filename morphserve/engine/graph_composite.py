@@ -10,7 +10,7 @@ attribute; at batch 8 and 32 an FP16 layer has one or two kernels more than a W8
 instantiated).
 
 PyTorch has no API for child-graph nodes, so this module calls the CUDA runtime that PyTorch loaded, through
-``ctypes`` (the calls release the GIL, so a builder thread can instantiate while the engine launches steps).  The per-layer graphs must be captured with ``keep_graph=True`` (their
+``ctypes``.  The per-layer graphs must be captured with ``keep_graph=True`` (their
 ``cudaGraph_t`` is the child); a composite copies its children's nodes, so it stays valid while the per-layer
 graphs' memory (their captured buffers) is alive.
 """
@@ -119,9 +119,9 @@ def chain(children: list[int], waits: list[int] | None = None, records: list[int
 class CompositeGraph:
     """An executable graph of chained child graphs, re-targetable to other children of the same structure."""
 
-    def __init__(self, children: list[int], signature: object = None, stream: torch.cuda.Stream | None = None):
+    def __init__(self, children: list[int], signature: object = None):
         """``signature``: the children's structures (see :func:`structure`), kept for the caller to pick a
-        composite to re-target; ``stream``: the stream of the upload (default: the current one)."""
+        composite to re-target."""
         rt = cudart()
         self.signature = signature
         self.exec = ctypes.c_void_p()
@@ -132,10 +132,9 @@ class CompositeGraph:
         finally:
             rt.cudaGraphDestroy(ctypes.c_void_p(g))
         self.num_updates = 0
-        self.upload(stream)
+        self.upload()
 
-    def update(self, children: list[int], signature: object = None,
-               stream: torch.cuda.Stream | None = None) -> bool:
+    def update(self, children: list[int], signature: object = None) -> bool:
         """Re-target the executable graph to ``children`` in place (``cudaGraphExecUpdate``; launches already
         enqueued are not affected).  False when the structure differs: the graph is then unusable and must be
         closed (CUDA leaves a failed update's graph undefined)."""
@@ -151,7 +150,7 @@ class CompositeGraph:
             return False
         self.num_updates += 1
         self.signature = signature
-        self.upload(stream)
+        self.upload()
         return True
 
     def upload(self, stream: torch.cuda.Stream | None = None) -> None:
@@ -160,11 +159,6 @@ class CompositeGraph:
         time (a 7B decode step at batch 1: 5.3 ms wall for 4.2 ms on the GPU)."""
         s = stream if stream is not None else torch.cuda.current_stream()
         check(cudart().cudaGraphUpload(self.exec, ctypes.c_void_p(s.cuda_stream)), "cudaGraphUpload")
-
-    def synchronize_upload(self, stream: torch.cuda.Stream) -> None:
-        """Block until the uploads enqueued on ``stream`` are done (``cudaStreamSynchronize`` through ctypes:
-        the GIL is released while it waits, so a builder thread does not hold up the engine)."""
-        check(cudart().cudaStreamSynchronize(ctypes.c_void_p(stream.cuda_stream)), "cudaStreamSynchronize")
 
     def launch(self, stream: torch.cuda.Stream | None = None) -> None:
         s = stream if stream is not None else torch.cuda.current_stream()

@@ -14,10 +14,9 @@ With scratch space (:class:`morphserve.memory.layer_swapper.ScratchBlocks`) a sw
 to free KV blocks first and land in the slot between two steps (:meth:`LayerSwapper.land`, in
 :meth:`Morpher.after_step`: the device-to-device copy is enqueued behind the step just launched, and the landing's
 host work, about 0.5 ms on an H200, overlaps that step on the GPU); a down swap's freed bytes are attached when it
-lands.  :class:`StagedLanding` decides when: as soon as a swap is staging, the decode graphs' builder thread
-builds the destination map's composite graph for the current batch bucket, and a swap whose bytes are in lands
-only once the map after landing replays as one graph, so the first step at the new map replays one graph and no
-step waits for an instantiation.
+lands.  :func:`land_staged` also has the decode graphs build the destination map's composite graphs for the
+current batch bucket while the swap travels (host work done while the GPU runs the step just launched), so the
+first step at the new map replays graphs, never a capture.
 
 A layer with a copy in flight is left alone until it lands; a release whose layer is sent down again is cancelled.
 Every step appends a timeline entry: precision of each layer, target, KV capacity and use, queue, and the reason of
@@ -62,40 +61,26 @@ def precision_code(precisions: list[Precision]) -> str:
     return "".join(_CODE[p] for p in precisions)
 
 
-class StagedLanding:
-    """When staged swaps land: right after a launch, once their bytes are in scratch **and** the decode graphs can
-    replay the map after landing as one graph (its whole-step graph or a composite).  Composites are built by the
-    decode graphs' builder thread, requested as soon as a swap is staging, so the first step at the new map replays
-    one graph and no step waits for an instantiation; a landing held for a composite lands anyway after
-    ``max_defer`` launches (a batch that keeps changing buckets must not hold the scratch blocks for ever).
-    Without decode graphs (CPU, eager) swaps land as soon as their bytes are in."""
-
-    def __init__(self, swapper: LayerSwapper, runner=None, max_defer: int = 8):
-        """``runner``: what holds the decode graphs (``runner.graphs``, read at every launch: None without)."""
-        if max_defer < 0:
-            raise ValueError(f"max_defer must be >= 0, got {max_defer}")
-        self.swapper, self.runner, self.max_defer = swapper, runner, max_defer
-        self.deferred = 0  # launches since the swaps now in scratch could have landed
-        self.num_deferrals = 0
-
-    def after_launch(self) -> list[Swap]:
-        sw = self.swapper
-        graphs = self.runner.graphs if self.runner is not None else None
-        b = graphs.last_bucket if graphs is not None else None
-        if b is not None and sw.staging():
-            graphs.prepare(sw.target_map(), b, wait=False)
-        swaps = sw.landable()
-        if not swaps:
-            return []
-        if b is not None and self.deferred < self.max_defer:
-            key = sw.map_after(swaps)
-            if not graphs.ready(key, b):
-                graphs.prepare(key, b, wait=False)
-                self.deferred += 1
-                self.num_deferrals += 1
-                return []
-        self.deferred = 0
-        return sw.land(swaps=swaps)
+def land_staged(swapper: LayerSwapper, graphs=None) -> list[Swap]:
+    """Right after a launch: land every staged swap whose bytes are in scratch, building the decode graphs the
+    steps around it replay first (``graphs``: the runner's :class:`~morphserve.engine.cuda_graphs.DecodeGraphs`,
+    or None on CPU and without graphs).  While a swap travels, the composite of the map once every pending swap
+    has landed is built now, while the GPU runs the step just launched; before a landing, the map after it is made
+    ready (usually the same map: nothing to build), so the first step at the new map replays graphs too.  Returns
+    the swaps that landed."""
+    b = graphs.last_bucket if graphs is not None else None
+    if b is not None and swapper.staging():
+        key = swapper.target_map()
+        if not graphs.ready(key, b):
+            graphs.prepare(key, b)
+    swaps = swapper.landable()
+    if not swaps:
+        return []
+    if b is not None:
+        key = swapper.map_after(swaps)
+        if not graphs.ready(key, b):
+            graphs.prepare(key, b)
+    return swapper.land(swaps=swaps)
 
 
 class Morpher:
@@ -115,7 +100,6 @@ class Morpher:
         self._step = 0
         cfg, dtype = engine.model.arena.cfg, engine.model.arena.dtype
         self._nbytes = {p: layout_for(p, cfg, dtype).nbytes for p in Precision}
-        self.landing = StagedLanding(swapper, engine.runner)
 
     def target(self) -> list[Precision]:
         return self.controller.target_map() if self.controller is not None else list(self.static_map)
@@ -169,7 +153,7 @@ class Morpher:
             if not swap.grows:
                 self.resizer.grow(swap.layer, swap.dst)
         self.swapper.poll()
-        self._landed(self.landing.after_launch())
+        self._landed(land_staged(self.swapper, self.engine.runner.graphs))
         self._step += 1
 
     def settle_idle(self) -> None:
