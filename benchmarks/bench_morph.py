@@ -120,7 +120,7 @@ class _LayerwiseNoSwap:
 
 def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps: int = 24,
                         bare_mib: tuple[int, ...] = (), staged_swaps: bool = False,
-                        segment_layers: int | None = None) -> dict:
+                        segment_layers: int | None = None, copy_budget_mib: int | None = None) -> dict:
     """Steady decode of ``batch`` requests.  Per-step wall time: the host clock around ``engine.step()``, which
     returns once the step's sampled tokens are on the host (the copy stream is never synchronised, so a copy
     overlaps the steps as in serving).  Four settings on the same requests: no swap with the whole-step graph, no
@@ -132,12 +132,14 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     ``staged_swaps``: the swaps are staged (bytes through scratch KV blocks, landing between steps): as the morpher
     does (:func:`~morphserve.engine.morpher.land_staged`), right after each launch the destination map's
     composite graphs are built and the swaps whose bytes are in scratch land (both inside the step's timed
-    window).  ``segment_layers``: layers per composite segment (None: the decode graphs' default)."""
+    window).  ``segment_layers``: layers per composite segment (None: the decode graphs' default);
+    ``copy_budget_mib``: staged swaps' copies enqueued per step (None: all at the request)."""
     scratch_blocks = ScratchBlocks(engine.pool, engine.block_manager) if staged_swaps else None
     if segment_layers is not None:
         engine.runner.graphs.drop_composites()  # built for another segment size
         engine.runner.graphs.segment_layers = segment_layers
-    sw = LayerSwapper(engine.model.arena, staged, engine.device, scratch=scratch_blocks)
+    sw = LayerSwapper(engine.model.arena, staged, engine.device, scratch=scratch_blocks,
+                      copy_budget=copy_budget_mib << 20 if staged_swaps and copy_budget_mib else None)
     rng = np.random.default_rng(0)
 
     def fresh():
@@ -298,6 +300,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     med = statistics.median
     # the composite counters are cumulative over this engine's runs (every batch size and path before this one)
     return {"batch": batch, "context": context, "steps": steps, "staged_swaps": staged_swaps,
+            "copy_budget_mib": copy_budget_mib if staged_swaps else None,
             "composite_builds": graphs.num_composite_builds, "composite_updates": graphs.num_composite_updates,
             "composite_steps": graphs.num_composite_steps, "segment_layers": graphs.segment_layers,
             "no_swap_graph_ms": 1e3 * med(base_graph),
@@ -384,11 +387,12 @@ def run_model(name: str, h2d: float, args) -> dict:
     out = {"model": name, "synthetic_weights": engine.synthetic_weights,
            "slot_bytes": engine.model.arena.slot_bytes,
            "swaps": swap_times(engine, staged, layers, h2d)}
-    runs = [(st, seg) for st in args.swap_paths for seg in (args.segment_layers if st else [None])]
+    runs = [(st, seg, mib) for st in args.swap_paths for seg in (args.segment_layers if st else [None])
+            for mib in (args.copy_budget_mib if st else [0])]
     out["decode_during_swaps"] = [decode_during_swaps(engine, staged, layers, b, args.context,
                                                       bare_mib=tuple(args.bare_copy_mib), staged_swaps=st,
-                                                      segment_layers=seg)
-                                  for st, seg in runs for b in args.batch_sizes]
+                                                      segment_layers=seg, copy_budget_mib=mib or None)
+                                  for st, seg, mib in runs for b in args.batch_sizes]
     out["segment"] = segment_ops(engine, staged, layers[1])
     out["kv_capacity_24GB"] = kv_capacity(name)
     del engine, staged
@@ -400,7 +404,8 @@ def _label(d: dict) -> str:
     """A decode-during-swaps row's batch and swap path."""
     if not d.get("staged_swaps"):
         return f"{d['batch']} (in-place)"
-    return f"{d['batch']} (staged, {d.get('segment_layers', 'all')}-layer segments)"
+    paced = f", {d['copy_budget_mib']} MiB/step" if d.get("copy_budget_mib") else ""
+    return f"{d['batch']} (staged, {d.get('segment_layers', 'all')}-layer segments{paced})"
 
 
 def markdown(res: dict) -> str:
@@ -472,6 +477,8 @@ def main() -> None:
                     help="swap paths to time: in-place (per-layer graphs with hooks), staged (scratch + composites)")
     ap.add_argument("--segment-layers", type=int, nargs="+", default=[8],
                     help="layers per composite segment for the staged path (each value is one staged run)")
+    ap.add_argument("--copy-budget-mib", type=int, nargs="+", default=[0],
+                    help="staged swaps' copies enqueued per step, MiB (0: all at the request); one staged run each")
     ap.add_argument("--source-commit", default=None, help="the commit of the tree (the box's git metadata is stale)")
     ap.add_argument("--out", default="benchmarks/results/morph.json")
     args = ap.parse_args()

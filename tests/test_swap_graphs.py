@@ -32,12 +32,13 @@ def wide(tmp_path_factory):
                                 num_hidden_layers=4)
 
 
-def _engine(path, blocks, graphs: bool, extension_first=False, staged_swaps=False):
+def _engine(path, blocks, graphs: bool, extension_first=False, staged_swaps=False, copy_budget=None):
     engine = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="float16", num_kv_blocks=blocks,
                                     max_num_batched_tokens=64), cuda_graphs=graphs)
     engine.block_manager.extension_first = extension_first
     scratch = ScratchBlocks(engine.pool, engine.block_manager) if staged_swaps else None
-    swapper = LayerSwapper(engine.model.arena, StagedVariants.build(engine.model), engine.device, scratch=scratch)
+    swapper = LayerSwapper(engine.model.arena, StagedVariants.build(engine.model), engine.device, scratch=scratch,
+                           copy_budget=copy_budget)
     resizer = KVResizer(engine.pool, engine.block_manager, engine.model.arena,
                         lambda: [r.block_table for r in engine.scheduler.running])
     return engine, swapper, resizer
@@ -93,14 +94,21 @@ def _serve(engine, morpher, swapper, prompts, params, shake):
     return [outs[i] for i in ids], maps
 
 
-@pytest.mark.parametrize("staged_swaps", [False, True], ids=["in-place", "staged"])
-def test_swapping_every_step_with_graphs_equals_eager(wide, staged_swaps):
+@pytest.mark.parametrize("staged_swaps,paced", [(False, False), (True, False), (True, True)],
+                         ids=["in-place", "staged", "staged-paced"])
+def test_swapping_every_step_with_graphs_equals_eager(wide, staged_swaps, paced, monkeypatch):
     """Random targets every step, migrations included (extension-first allocation): the graph run gives the tokens
     of an eager engine that lands the same per-step precision schedule synchronously and never resizes.  In place:
     per-layer graphs while swaps are in flight.  Staged: whole-step or composite graphs only (the swaps land between
-    steps), composites prepared after each launch and re-targeted in place where the structures match."""
+    steps), composites prepared after each launch and re-targeted in place where the structures match.  Paced: the
+    staged copies go out 32 KiB per step (pieces of 16 KiB), so a swap spans several steps."""
     n = 4
-    engine, swapper, resizer = _engine(wide, 300, graphs=True, extension_first=True, staged_swaps=staged_swaps)
+    if paced:
+        import morphserve.memory.layer_swapper as ls
+
+        monkeypatch.setattr(ls, "COPY_CHUNK_BYTES", 16 << 10)
+    engine, swapper, resizer = _engine(wide, 300, graphs=True, extension_first=True, staged_swaps=staged_swaps,
+                                       copy_budget=32 << 10 if paced else None)
     morpher = Morpher(engine, swapper, resizer, static_map=[P.FP16] * n)
     rng = random.Random(3)
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
@@ -113,9 +121,11 @@ def test_swapping_every_step_with_graphs_equals_eager(wide, staged_swaps):
     assert len({tuple(m) for m in maps}) > 8 and resizer.migrated_total > 0
     g = engine.runner.graphs
     if staged_swaps:
-        assert sum(s.is_staged for s in swapper.completed) > 10
+        assert sum(s.is_staged for s in swapper.completed) > (5 if paced else 10)
         assert g.num_composite_steps > 5 and g.num_composite_builds > 0, "no step replayed a composite graph"
         assert g.num_layerwise_steps == 0  # staged swaps need no per-layer hooks
+        if paced:  # the larger variants' copies went out over several steps
+            assert max(s.copy_steps for s in swapper.completed) >= 3
     else:
         assert g.num_layerwise_steps > 10, "swap steps did not replay per-layer graphs"
 

@@ -74,6 +74,10 @@ class Swap:
     tail_events: tuple | None = field(default=None, repr=False)  # the same for a growing swap's tail part
     scratch: list[int] | None = None  # a staged swap's KV block ids holding its bytes until it lands
     staged: torch.cuda.Event | None = field(default=None, repr=False)  # a staged swap's bytes are in scratch
+    # a paced staged swap's copies not enqueued yet, (destination, source) byte tensors in order; ``staged`` then
+    # marks the copies enqueued so far
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    copy_steps: int = 0  # the calls that enqueued a paced swap's copies (one per step)
 
     @property
     def is_staged(self) -> bool:
@@ -164,10 +168,17 @@ def gather_copy(dst: torch.Tensor, srcs: list[torch.Tensor]) -> None:
 
 class LayerSwapper:
     def __init__(self, arena: WeightArena, staged, device: torch.device | str, time_copies: bool = False,
-                 scratch: ScratchBlocks | None = None):
+                 scratch: ScratchBlocks | None = None, copy_budget: int | None = None):
         """``staged``: a :class:`morphserve.quant.staging.StagedVariants` holding every variant to swap to.
         ``time_copies``: record CUDA events around each copy (benchmarks).  ``scratch``: where staged swaps keep
-        their bytes (see the module); without it every swap copies into the slot in place."""
+        their bytes (see the module); without it every swap copies into the slot in place.  ``copy_budget``:
+        bytes of staged-swap copies enqueued per step (per :meth:`issue`, in whole pieces of
+        :data:`COPY_CHUNK_BYTES`; None: a swap's copies are enqueued at its request).  A copy in flight slows the
+        step it overlaps in proportion to the bytes it moves (H200: a whole 7B FP16 layer, 5-6% at batch 1; 16 MiB,
+        under 1%), so pacing trades a swap's latency for the steps' time."""
+        if copy_budget is not None and copy_budget < 1:
+            raise ValueError(f"copy_budget must be a positive number of bytes or None, got {copy_budget}")
+        self.copy_budget = copy_budget
         self.arena = arena
         self.scratch = scratch
         self.staged = staged
@@ -219,7 +230,8 @@ class LayerSwapper:
         if self.copy_stream is not None:
             swap.fence = torch.cuda.Event()
             swap.fence.record(torch.cuda.current_stream(self.device))
-        if swap.grows and (self.copy_stream is not None or swap.is_staged):
+        if swap.grows and (self.copy_stream is not None or swap.is_staged) and \
+                not (swap.is_staged and self.copy_budget is not None):  # (a paced swap's tail is paced too)
             self._copy_tail(swap)  # (an in-place swap on CPU copies everything in issue())
         if swap.is_staged:
             self._stage(swap)
@@ -238,10 +250,41 @@ class LayerSwapper:
         runs = self.scratch.runs(s.scratch)
         s.state = SwapState.STAGING
         s.issued_at = time.perf_counter()
+        if self.copy_budget is not None:
+            pairs = list(_pieces(runs, head))
+            if s.grows:  # the tail part straight into the slot's detached tail, first
+                buf = self.staged.buffer(s.layer, s.dst)
+                cur = head.numel()
+                pairs.insert(0, (self.arena.slot(s.layer)[cur:buf.numel()], buf[cur:]))
+            s.pending = [(d[o:o + COPY_CHUNK_BYTES], x[o:o + COPY_CHUNK_BYTES])
+                         for d, x in pairs for o in range(0, x.numel(), COPY_CHUNK_BYTES)]
+            return  # enqueued by issue(), a budget per step
         if self.copy_stream is None:
             scatter_copy(runs, head, chunk=None)
             return
         s.copy_events, s.staged = self._enqueue(s, lambda: scatter_copy(runs, head))
+
+    def _pump(self, budget: int | None = None) -> None:
+        """Enqueue paced swaps' pending copies, oldest swap first, up to ``budget`` bytes (default
+        :attr:`copy_budget`; at least one piece; on CPU they run now)."""
+        budget = self.copy_budget if budget is None else budget
+        for s in self.staging():
+            take = []
+            while s.pending and budget > 0:
+                take.append(s.pending.pop(0))
+                budget -= take[-1][1].numel()
+            if not take:
+                continue
+            s.copy_steps += 1
+            if self.copy_stream is None:
+                for d, x in take:
+                    d.copy_(x)
+                continue
+            events, s.staged = self._enqueue(s, lambda take=take: [d.copy_(x, non_blocking=True) for d, x in take])
+            if events:
+                s.copy_events = (s.copy_events[0] if s.copy_events else events[0], events[1])
+            if budget <= 0:
+                return
 
     def staging(self) -> list[Swap]:
         return [s for s in self.swaps.values() if s.state is SwapState.STAGING]
@@ -249,7 +292,8 @@ class LayerSwapper:
     def landable(self) -> list[Swap]:
         """The staged swaps whose bytes are all in scratch (and a growing swap's tail in the slot): those
         :meth:`land` would land now."""
-        return [s for s in self.staging() if all(e.query() for e in (s.staged, s.tail_ready) if e is not None)]
+        return [s for s in self.staging()
+                if not s.pending and all(e.query() for e in (s.staged, s.tail_ready) if e is not None)]
 
     def map_after(self, swaps: list[Swap]) -> tuple[Precision, ...]:
         """The precision map once ``swaps`` have landed (every other layer as it runs now)."""
@@ -263,6 +307,8 @@ class LayerSwapper:
         between two steps' launches (the morpher does it right after a launch, so the copy follows that step and
         the host work overlaps it).  Returns the swaps that landed."""
         landed = []
+        if wait:
+            self._pump(budget=1 << 62)  # paced copies not enqueued yet: all of them now
         for s in (self.staging() if wait else self.landable()) if swaps is None else swaps:
             if s.state != SwapState.STAGING:
                 raise ValueError(f"layer {s.layer}'s swap is {s.state.value}, not staging: it cannot land")
@@ -374,7 +420,10 @@ class LayerSwapper:
 
     def issue(self) -> list[Swap]:
         """Enqueue the copies of every queued swap (call after launching a step).  On CPU they run now.  A growing
-        swap whose tail copy has not landed yet stays queued (its layer keeps its current precision)."""
+        swap whose tail copy has not landed yet stays queued (its layer keeps its current precision).  Paced staged
+        swaps get this step's copy budget."""
+        if self.copy_budget is not None:
+            self._pump()
         issued = []
         for s in self.queued():
             if s.tail_ready is not None and not s.tail_ready.query():
