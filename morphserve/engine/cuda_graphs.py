@@ -55,10 +55,10 @@ or about 0.1 ms when an unused composite of the same layer structures can be re-
 (``cudaGraphExecUpdate``); each layer graph's structure is recorded at capture, so an update is tried only where it
 can succeed (at batch 8-32 an FP16 layer has more kernels than a W8/W4 one, and a doomed attempt cost about 1 ms).
 The morpher builds it right after launching a step, so the host work overlaps the GPU's
-(:func:`~morphserve.engine.morpher.land_staged`).  A step launches the map's segments one after another (a few
-gap at each of the few boundaries: 10-17 us was measured between per-layer graphs on an H200).  A map with composites replays them until the map
-changes (a whole-step capture would stall a step for 30-90 ms); :attr:`DecodeGraphs.max_maps` maps' worth of
-segments are kept per bucket, least recently used evicted first.
+(:func:`~morphserve.engine.morpher.land_staged`).  A step launches the map's segments one after another, with a
+small gap on the GPU at each of the few boundaries (10-17 us was measured between per-layer graphs on an H200).
+A map with composites replays them until the map changes (a whole-step capture would stall a step for 30-90 ms);
+:attr:`DecodeGraphs.max_maps` maps' worth of segments are kept per bucket, least recently used evicted first.
 
 All graphs share one memory pool; they are never replayed concurrently and each keeps its own output tensor, so
 their intermediates may alias each other safely.  The logits a replay returns are a view of the graph's output:

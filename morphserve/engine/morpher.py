@@ -104,7 +104,8 @@ class Morpher:
     def target(self) -> list[Precision]:
         return self.controller.target_map() if self.controller is not None else list(self.static_map)
 
-    def _landed(self, swaps: list[Swap]) -> None:
+    def _attach_freed(self, swaps: list[Swap]) -> None:
+        """A down swap's freed slot bytes become KV blocks (once its copy is issued in place, or it landed)."""
         for swap in swaps:
             if not swap.grows:
                 self.resizer.grow(swap.layer, swap.dst)
@@ -149,11 +150,9 @@ class Morpher:
             reason))
 
     def after_step(self) -> None:
-        for swap in self.swapper.issue():
-            if not swap.grows:
-                self.resizer.grow(swap.layer, swap.dst)
+        self._attach_freed(self.swapper.issue())
         self.swapper.poll()
-        self._landed(land_staged(self.swapper, self.engine.runner.graphs))
+        self._attach_freed(land_staged(self.swapper, self.engine.runner.graphs))
         self._step += 1
 
     def settle_idle(self) -> None:
@@ -163,7 +162,7 @@ class Morpher:
         for swap in self.swapper.in_flight():
             self.swapper.before_layer(swap.layer)
         self.swapper.poll()
-        self._landed(self.swapper.land(wait=True))
+        self._attach_freed(self.swapper.land(wait=True))
 
     def apply_now(self) -> None:
         """Bring every layer to the target synchronously (static systems at start-up, before any request)."""

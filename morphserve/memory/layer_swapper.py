@@ -173,9 +173,10 @@ class LayerSwapper:
         ``time_copies``: record CUDA events around each copy (benchmarks).  ``scratch``: where staged swaps keep
         their bytes (see the module); without it every swap copies into the slot in place.  ``copy_budget``:
         bytes of staged-swap copies enqueued per step (per :meth:`issue`, in whole pieces of
-        :data:`COPY_CHUNK_BYTES`; None: a swap's copies are enqueued at its request).  A copy in flight slows the
-        step it overlaps in proportion to the bytes it moves (H200: a whole 7B FP16 layer, 5-6% at batch 1; 16 MiB,
-        under 1%), so pacing trades a swap's latency for the steps' time."""
+        :data:`COPY_CHUNK_BYTES`; None: a swap's copies are enqueued at its request).  Pacing spreads a copy's
+        cost to the steps it overlaps (on an H200 a layer-sized copy in flight cost a batch-1 step 1-10%, median
+        5%) over more steps, at the price of the swap's latency; it measured no consistent gain (BENCHMARKS.md,
+        sixth swap-step campaign), so the systems leave it off."""
         if copy_budget is not None and copy_budget < 1:
             raise ValueError(f"copy_budget must be a positive number of bytes or None, got {copy_budget}")
         self.copy_budget = copy_budget
