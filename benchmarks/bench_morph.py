@@ -136,8 +136,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     ``copy_budget_mib``: staged swaps' copies enqueued per step (None: all at the request)."""
     scratch_blocks = ScratchBlocks(engine.pool, engine.block_manager) if staged_swaps else None
     if segment_layers is not None:
-        engine.runner.graphs.drop_composites()  # built for another segment size
-        engine.runner.graphs.segment_layers = segment_layers
+        engine.runner.graphs.set_segment_layers(segment_layers)
     sw = LayerSwapper(engine.model.arena, staged, engine.device, scratch=scratch_blocks,
                       copy_budget=copy_budget_mib << 20 if staged_swaps and copy_budget_mib else None)
     rng = np.random.default_rng(0)

@@ -165,7 +165,8 @@ def test_composite_retargeted_in_place_equals_its_map(wide):
     for _ in range(4):
         engine.step()
     g = engine.runner.graphs
-    g.max_maps, g.segment_layers = 1, 2  # room for one map's two segments: a new segment replaces an old one
+    g.max_maps = 1  # room for one map's two segments: a new segment replaces an old one
+    g.set_segment_layers(2)
     hb = _decode_chunks(engine)
     b = g.bucket_for(hb.num_seqs)
     prev = g.prepare(g.precision_key(), b)

@@ -124,9 +124,9 @@ class DecodeGraphs:
         if kernels.name != "triton":
             raise ValueError(f"CUDA graphs need the Triton kernel set (the {kernels.name!r} set synchronises with "
                              f"the host inside the forward)")
-        if max_blocks_per_seq < 1 or max_maps < 1 or full_capture_after < 0 or segment_layers < 1:
-            raise ValueError(f"max_blocks_per_seq, max_maps and segment_layers must be >= 1 and full_capture_after "
-                             f">= 0, got {max_blocks_per_seq}, {max_maps}, {segment_layers}, {full_capture_after}")
+        if max_blocks_per_seq < 1 or max_maps < 1 or full_capture_after < 0:
+            raise ValueError(f"max_blocks_per_seq and max_maps must be >= 1 and full_capture_after >= 0, got "
+                             f"{max_blocks_per_seq}, {max_maps}, {full_capture_after}")
         self.model, self.pool, self.kernels = model, pool, kernels
         self.buckets = graph_buckets(max_num_seqs, buckets)
         self.width = max_blocks_per_seq
@@ -160,7 +160,7 @@ class DecodeGraphs:
         self.num_composite_updates = 0
         self.num_composite_steps = 0
         self.num_composite_update_failures = 0  # updates tried between equal structures that CUDA refused
-        self.segment_layers = segment_layers
+        self.set_segment_layers(segment_layers)
         self._layer_structure: dict[tuple[int, Any, int], int] = {}
         self._structure_ids: dict[tuple, int] = {}
         self.last_bucket: int | None = None  # the bucket of the last decode step replayed
@@ -343,14 +343,12 @@ class DecodeGraphs:
         per_b = self.composites.get(b)
         if not per_b:
             return None
-        out = []
-        for lo, hi in self.segments():
-            c = per_b.get((lo, key[lo:hi]))
-            if c is None:
-                return None
-            out.append(c)
-        for lo, hi in self.segments():
-            per_b.move_to_end((lo, key[lo:hi]))
+        keys = [(lo, key[lo:hi]) for lo, hi in self.segments()]
+        out = [per_b.get(k) for k in keys]
+        if None in out:
+            return None
+        for k in keys:
+            per_b.move_to_end(k)
         return out
 
     def ready(self, key: tuple, b: int) -> bool:
@@ -399,7 +397,15 @@ class DecodeGraphs:
             out.append(c)
         return out
 
-    def drop_composites(self) -> None:
+    def set_segment_layers(self, k: int) -> None:
+        """Layers per composite segment from now on (the composites built for another size are dropped)."""
+        if k < 1:
+            raise ValueError(f"segment_layers must be >= 1, got {k}")
+        if self.composites and k != self.segment_layers:
+            self._drop_composites()
+        self.segment_layers = k
+
+    def _drop_composites(self) -> None:
         for per_b in self.composites.values():
             for c in per_b.values():
                 c.close()
@@ -407,7 +413,7 @@ class DecodeGraphs:
 
     def clear(self) -> None:
         """Drop every captured graph (they are recaptured on demand, e.g. after kernels' launch options changed)."""
-        self.drop_composites()
+        self._drop_composites()
         self.graphs.clear()
         self.layer_graphs.clear()
         self._layer_structure.clear()
@@ -455,8 +461,9 @@ class DecodeGraphs:
             comp = self._composite(key, b)
             if comp is not None:
                 self._upload(hb, b)
+                stream = torch.cuda.current_stream()
                 for c in comp:
-                    c.launch()
+                    c.launch(stream)
                 self.num_replays += 1
                 self.num_composite_steps += 1
                 return self.layer_graphs[(len(key) - 1, key[-1], b)].logits[:s]

@@ -40,6 +40,7 @@ W4 layer (107 MB) takes about 50 us at the H200's measured 4.2 TB/s copy rate (a
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -74,10 +75,10 @@ class Swap:
     tail_events: tuple | None = field(default=None, repr=False)  # the same for a growing swap's tail part
     scratch: list[int] | None = None  # a staged swap's KV block ids holding its bytes until it lands
     staged: torch.cuda.Event | None = field(default=None, repr=False)  # a staged swap's bytes are in scratch
-    # a paced staged swap's copies not enqueued yet, (destination, source) byte tensors in order; ``staged`` then
-    # marks the copies enqueued so far
+    # a staged swap's copies not enqueued yet (paced), (destination, source) byte tensors in order; ``staged`` marks
+    # the copies enqueued so far
     pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
-    copy_steps: int = 0  # the calls that enqueued a paced swap's copies (one per step)
+    copy_steps: int = 0  # the calls that enqueued a staged swap's copies (one per step when paced)
 
     @property
     def is_staged(self) -> bool:
@@ -148,16 +149,6 @@ def _pieces(runs: list[torch.Tensor], flat: torch.Tensor):
             return
         yield r[:n], flat[off:off + n]
         off += n
-
-
-def scatter_copy(dsts: list[torch.Tensor], src: torch.Tensor, chunk: int | None = COPY_CHUNK_BYTES) -> None:
-    """Copy the 1-D byte tensor ``src`` into the concatenation of the 1-D byte tensors ``dsts`` (non-blocking; in
-    pieces of ``chunk`` bytes, see :func:`chunked_copy`)."""
-    for d, s in _pieces(dsts, src):
-        if chunk:
-            chunked_copy(d, s, chunk)
-        else:
-            d.copy_(s, non_blocking=True)
 
 
 def gather_copy(dst: torch.Tensor, srcs: list[torch.Tensor]) -> None:
@@ -231,12 +222,11 @@ class LayerSwapper:
         if self.copy_stream is not None:
             swap.fence = torch.cuda.Event()
             swap.fence.record(torch.cuda.current_stream(self.device))
-        if swap.grows and (self.copy_stream is not None or swap.is_staged) and \
-                not (swap.is_staged and self.copy_budget is not None):  # (a paced swap's tail is paced too)
-            self._copy_tail(swap)  # (an in-place swap on CPU copies everything in issue())
+        self.swaps[layer] = swap
         if swap.is_staged:
             self._stage(swap)
-        self.swaps[layer] = swap
+        elif swap.grows and self.copy_stream is not None:
+            self._copy_tail(swap)  # (an in-place swap on CPU copies everything in issue())
         return swap
 
     def _head_bytes(self, s: Swap) -> int:
@@ -245,28 +235,24 @@ class LayerSwapper:
         return layout_for(s.src, self.arena.cfg, self.arena.dtype).nbytes if s.grows else s.nbytes
 
     def _stage(self, s: Swap) -> None:
-        """Copy a staged swap's head bytes from its pinned buffer into its scratch blocks (copy stream, behind all
-        work launched so far: the blocks' previous users)."""
-        head = self.staged.buffer(s.layer, s.dst)[:self._head_bytes(s)]
-        runs = self.scratch.runs(s.scratch)
+        """Queue a staged swap's copies from its pinned buffer, in pieces of :data:`COPY_CHUNK_BYTES`: a growing
+        swap's tail straight into the slot's detached tail first, then the head bytes into its scratch blocks.  They
+        run on the copy stream behind all work launched so far (the previous users of those bytes): all of them now,
+        or a copy budget per :meth:`issue` when paced."""
+        buf = self.staged.buffer(s.layer, s.dst)
+        head = self._head_bytes(s)
+        pairs = list(_pieces(self.scratch.runs(s.scratch), buf[:head]))
+        if s.grows:
+            pairs.insert(0, (self.arena.slot(s.layer)[head:buf.numel()], buf[head:]))
+        s.pending = [(d[o:o + COPY_CHUNK_BYTES], x[o:o + COPY_CHUNK_BYTES])
+                     for d, x in pairs for o in range(0, x.numel(), COPY_CHUNK_BYTES)]
         s.state = SwapState.STAGING
         s.issued_at = time.perf_counter()
-        if self.copy_budget is not None:
-            pairs = list(_pieces(runs, head))
-            if s.grows:  # the tail part straight into the slot's detached tail, first
-                buf = self.staged.buffer(s.layer, s.dst)
-                cur = head.numel()
-                pairs.insert(0, (self.arena.slot(s.layer)[cur:buf.numel()], buf[cur:]))
-            s.pending = [(d[o:o + COPY_CHUNK_BYTES], x[o:o + COPY_CHUNK_BYTES])
-                         for d, x in pairs for o in range(0, x.numel(), COPY_CHUNK_BYTES)]
-            return  # enqueued by issue(), a budget per step
-        if self.copy_stream is None:
-            scatter_copy(runs, head, chunk=None)
-            return
-        s.copy_events, s.staged = self._enqueue(s, lambda: scatter_copy(runs, head))
+        if self.copy_budget is None:
+            self._pump(math.inf)
 
-    def _pump(self, budget: int | None = None) -> None:
-        """Enqueue paced swaps' pending copies, oldest swap first, up to ``budget`` bytes (default
+    def _pump(self, budget: float | None = None) -> None:
+        """Enqueue staged swaps' pending copies, oldest swap first, up to ``budget`` bytes (default
         :attr:`copy_budget`; at least one piece; on CPU they run now)."""
         budget = self.copy_budget if budget is None else budget
         for s in self.staging():
@@ -309,7 +295,7 @@ class LayerSwapper:
         the host work overlaps it).  Returns the swaps that landed."""
         landed = []
         if wait:
-            self._pump(budget=1 << 62)  # paced copies not enqueued yet: all of them now
+            self._pump(math.inf)  # paced copies not enqueued yet: all of them now
         for s in (self.staging() if wait else self.landable()) if swaps is None else swaps:
             if s.state != SwapState.STAGING:
                 raise ValueError(f"layer {s.layer}'s swap is {s.state.value}, not staging: it cannot land")
