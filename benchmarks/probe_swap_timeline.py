@@ -12,7 +12,8 @@ under ``torch.profiler`` and splits every step's GPU time:
 * kernel time by family (GEMV/GEMM, attention, norms and the rest), the sum of gaps between kernels inside the
   forward, and the upload kernel's own time (it reads pinned host memory over the bus, which a swap's copy shares);
 * copies (host-to-device on the swap's stream, the landing's device-to-device gather) overlapping the window;
-* the forward's CUDA-event time (``StepTiming.device_forward``) and the wall time, as ``bench_morph`` reports them.
+* the forward's CUDA-event time (``StepTiming.device_forward``) and the wall time, as ``bench_morph`` reports them;
+  the host time of the after-launch hook and of the landing (``LayerSwapper.land``) within it.
 
 For every transition FP16 <-> W4/W8 of ``--layer``: ``--before`` no-swap steps at the source map, the swap's steps
 (request .. landed, plus the first step at the new map), ``--after`` no-swap steps at the destination map.  Writes
@@ -123,6 +124,7 @@ def main() -> int:
     ap.add_argument("--after", type=int, default=3)
     ap.add_argument("--reps", type=int, default=2, help="swaps per transition")
     ap.add_argument("--segment-layers", type=int, default=8)
+    ap.add_argument("--copy-budget-mib", type=int, default=0, help="paced staged copies, MiB per step (0: unpaced)")
     ap.add_argument("--whole-graphs", action="store_true",
                     help="each map's whole-step graph where captured (as in bench_morph: a source map's before its "
                          "steps; a destination map's from the repetition before); default: composite segments only")
@@ -135,7 +137,8 @@ def main() -> int:
                                     max_num_seqs=max(args.batch, 8)))
     staged = stage_layers(engine, [args.layer])
     sw = LayerSwapper(engine.model.arena, staged, engine.device,
-                      scratch=ScratchBlocks(engine.pool, engine.block_manager))
+                      scratch=ScratchBlocks(engine.pool, engine.block_manager),
+                      copy_budget=args.copy_budget_mib << 20 if args.copy_budget_mib else None)
     runner = engine.runner
     graphs = runner.graphs
     graphs.set_segment_layers(args.segment_layers)
@@ -149,10 +152,26 @@ def main() -> int:
         graphs.capture_layer(args.layer, p, b)
     runner.hooks = sw
 
+    hook_ms: list[float] = []
+    land_ms: list[float] = []
+    land = sw.land
+
+    def timed_land(*a, **k):
+        t = time.perf_counter()
+        try:
+            return land(*a, **k)
+        finally:
+            land_ms[-1] += 1e3 * (time.perf_counter() - t)
+
+    sw.land = timed_land
+
     def hook():
+        t = time.perf_counter()
+        land_ms.append(0.0)
         sw.issue()
         sw.poll()
         land_staged(sw, graphs)
+        hook_ms.append(1e3 * (time.perf_counter() - t))
 
     runner.after_launch = hook
     graphs.full_capture_after = 10**9  # no whole-step capture inside the profiled steps
@@ -177,6 +196,8 @@ def main() -> int:
         for _ in range(3):  # three steps to settle
             engine.step()
         labels, walls = [], []
+        hook_ms.clear()
+        land_ms.clear()
         runner.timing = StepTiming()
         torch.cuda.synchronize()
 
@@ -207,15 +228,16 @@ def main() -> int:
             prof.export_chrome_trace(path)
             trace = json.loads(Path(path).read_text())
         rows = split_steps(trace, labels)
-        for r, w, x in zip(rows, walls, dev):
-            r["wall_ms"], r["device_ms"] = w, x
+        for r, w, x, h, ld in zip(rows, walls, dev, hook_ms, land_ms):
+            r["wall_ms"], r["device_ms"], r["hook_ms"], r["land_ms"] = w, x, h, ld
         base = statistics.median(r["kernel_span_us"] for r in rows if r["label"] in ("src", "dst"))
         print(f"{src.value}->{dst.value} layer {args.layer} (no-swap median span {base:.0f} us):", flush=True)
         for r in rows:
             fam = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["by_family_us"].items(), key=lambda kv: -kv[1])
                             if v >= 5)
             cp = ", ".join(f"{k} {v['n']}x {v['us_in_window']:.0f} us" for k, v in r["copies"].items())
-            print(f"  {r['label']:>12}: wall {r['wall_ms']:.2f} device {r['device_ms']:.2f} ms | span "
+            print(f"  {r['label']:>12}: wall {r['wall_ms']:.2f} device {r['device_ms']:.2f} hook {r['hook_ms']:.2f} "
+                  f"land {r['land_ms']:.2f} ms | span "
                   f"{r['kernel_span_us']:.0f} us ({r['kernel_span_us'] / base:.3f}x) gaps {r['gaps_us']:.0f} "
                   f"upload {r['upload_us']:.1f} | {fam} | copies: {cp}", flush=True)
         res["swaps"].append({"transition": f"{src.value}->{dst.value}", "no_swap_span_us": base, "steps": rows})

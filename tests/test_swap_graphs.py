@@ -209,3 +209,38 @@ def test_growing_swap_copies_tail_then_head(wide):
         buf = swapper.staged.buffer(1, dst)
         assert torch.equal(engine.model.arena.slot(1)[:buf.numel()].cpu(), buf.cpu())
     assert torch.equal(engine.model.arena.slot(1), original)
+
+
+def test_staged_landing_copy_is_ordered_between_the_steps_around_it(wide):
+    """A staged swap's landing copy runs on the swapper's landing stream: it starts only after the work launched
+    before the landing (which still reads the old bytes, here held back by a long sleep on the compute stream), and
+    work after :meth:`LayerSwapper.join` sees the new bytes; the first forward after a landing joins by itself."""
+    engine, swapper, _ = _engine(wide, 64, graphs=False, staged_swaps=True)
+    slot = engine.model.arena.slot(1)
+    for dst in (P.W4, P.W8, P.FP16):
+        new = swapper.staged.buffer(1, dst).to("cuda")
+        s = swapper.request(1, dst)
+        swapper.synchronize()  # the bytes are in scratch
+        assert swapper.landable() == [s]
+        torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time before the old bytes are read
+        old = slot[:new.numel()].clone()  # enqueued on the compute stream after the sleep
+        expect_old = swapper.staged.buffer(1, swapper.precision(1)).to("cuda")
+        assert swapper.land() == [s]
+        swapper.join()
+        got = slot[:new.numel()].clone()
+        n = min(expect_old.numel(), new.numel())
+        assert torch.equal(old[:n], expect_old[:n]), "the landing copy overwrote bytes a step launched before it reads"
+        assert torch.equal(got, new), "work after join() does not see the landed bytes"
+    # the runner's before_forward joins: a forward right after a landing reads the landed layer
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.runner.hooks = swapper
+    engine.add_request(PARITY_PROMPTS[0], params)
+    swapper.request(2, P.W4)
+    swapper.synchronize()
+    torch.cuda._sleep(50_000_000)
+    swapper.land()
+    assert swapper._landed is not None
+    engine.step()
+    assert swapper._landed is None
+    assert torch.equal(engine.model.arena.slot(2)[:swapper.staged.buffer(2, P.W4).numel()].cpu(),
+                       swapper.staged.buffer(2, P.W4))

@@ -189,6 +189,8 @@ class ModelRunner:
 
     def forward(self, hb: HostBatch) -> torch.Tensor:
         """Logits of the rows that sample: a CUDA-graph replay for decode steps the graphs serve, else eager."""
+        if self.hooks is not None:
+            self.hooks.before_forward()
         hooks = self.hooks if self.hooks is not None and self.hooks.active() else None
         self.last_step_graph = self.graphs is not None and self.graphs.serves(hb)
         if self.last_step_graph:

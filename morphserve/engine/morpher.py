@@ -12,9 +12,9 @@ step was launched).  The target precision map comes from the :class:`MorphContro
 
 With scratch space (:class:`morphserve.memory.layer_swapper.ScratchBlocks`) a swap is *staged*: its bytes travel
 to free KV blocks first and land in the slot between two steps (:meth:`LayerSwapper.land`, in
-:meth:`Morpher.after_step`: the device-to-device copy is enqueued behind the step just launched, and the landing's
-host work, about 0.5 ms on an H200, overlaps that step on the GPU); a down swap's freed bytes are attached when it
-lands.  :func:`land_staged` also has the decode graphs build the destination map's composite graphs for the
+:meth:`Morpher.after_step`: the device-to-device copy is enqueued on the swapper's landing stream behind the step
+just launched, the next step joins it, and the landing's host work, about 0.5 ms on an H200, overlaps the step on
+the GPU); a down swap's freed bytes are attached when it lands.  :func:`land_staged` also has the decode graphs build the destination map's composite graphs for the
 current batch bucket while the swap travels (host work done while the GPU runs the step just launched), so the
 first step at the new map replays graphs, never a capture.
 
@@ -112,6 +112,7 @@ class Morpher:
 
     def before_step(self) -> None:
         eng = self.engine
+        self.swapper.join()  # KV work below (migrations) may touch blocks a landing copy reads
         snap = self.monitor.snapshot(self._step, eng.clock(), eng.scheduler, eng.block_manager)
         reason = ""
         if self.controller is not None:

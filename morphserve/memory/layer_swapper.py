@@ -32,10 +32,15 @@ land while the layer still runs (all of a shrinking swap's variant; a growing sw
 host to free blocks of the KV pool (scratch), on the copy stream, at the request: the slot is not touched, so
 steps keep running the layer at its old precision with no per-layer hooks (their whole-step or composite graphs
 replay).  Once that copy has landed (an event query, no wait), :meth:`land` enqueues one device-to-device copy per
-run of consecutive scratch blocks into the slot on the compute stream, *between* two steps, switches the layer and
-gives the scratch back.  Stream order does the rest: the copy follows the last step that read the old bytes and
-precedes the first that reads the new ones.  No step waits for the host link: a device-to-device copy of a 7B
-W4 layer (107 MB) takes about 50 us at the H200's measured 4.2 TB/s copy rate (an estimate, not timed alone).
+run of consecutive scratch blocks into the slot, *between* two steps, switches the layer and gives the scratch
+back.  The copy runs on a landing stream of its own: it waits for an event recorded on the compute stream at the
+landing (after the step just launched, the last that reads the old bytes), and :meth:`join`, called before the next
+forward (the runner's ``before_forward`` hook, the morpher's ``before_step``), makes the compute stream wait for
+it.  So the step just launched returns its tokens without waiting for the copy, which runs while the host
+prepares the next step (the GPU idles then; about 0.3 ms at batch 1 on an H200), and the first step that reads the
+new bytes runs after it.  The copy of a 7B layer's W4 (107 MB) or W8 (202 MB) variant took 50 and 97 us on an H200
+(``benchmarks/probe_swap_timeline.py``); on the compute stream it delayed the landing step's tokens by that much.
+No step waits for the host link.
 """
 
 from __future__ import annotations
@@ -176,6 +181,9 @@ class LayerSwapper:
         self.staged = staged
         self.device = torch.device(device)
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        # staged landings' device-to-device copies (never behind a host-to-device copy of the copy stream)
+        self.land_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        self._landed: torch.cuda.Event | None = None  # the last landing copy; the compute stream has not joined it
         self.time_copies = time_copies and self.copy_stream is not None
         self.swaps: dict[int, Swap] = {}  # at most one queued or in-flight swap per layer
         self.completed: list[Swap] = []
@@ -288,25 +296,33 @@ class LayerSwapper:
         return tuple(dst.get(i, self.precision(i)) for i in range(self.arena.cfg.num_layers))
 
     def land(self, wait: bool = False, swaps: list[Swap] | None = None) -> list[Swap]:
-        """Finish every staged swap whose bytes are in scratch (with ``wait``: every staged swap, the compute
-        stream waiting for the copies; with ``swaps``: those of them, from :meth:`landable`): one device-to-device
-        copy per scratch run into the slot on the compute stream, switch the layer, give the scratch back.  Call
-        between two steps' launches (the morpher does it right after a launch, so the copy follows that step and
-        the host work overlaps it).  Returns the swaps that landed."""
+        """Finish every staged swap whose bytes are in scratch (with ``wait``: every staged swap, the copies
+        waited for; with ``swaps``: those of them, from :meth:`landable`): one device-to-device copy per scratch
+        run into the slot on the landing stream (ordered after all work launched so far), switch the layer, give
+        the scratch back.  Call between two steps' launches (the morpher does it right after a launch, so the host
+        work overlaps that step), and :meth:`join` before the next work on the slot or the blocks (``wait`` joins
+        at once).  Returns the swaps that landed."""
         landed = []
         if wait:
             self._pump(math.inf)  # paced copies not enqueued yet: all of them now
-        for s in (self.staging() if wait else self.landable()) if swaps is None else swaps:
+        todo = (self.staging() if wait else self.landable()) if swaps is None else swaps
+        stream = self.land_stream
+        if todo and stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # the last reads of the old bytes
+        for s in todo:
             if s.state != SwapState.STAGING:
                 raise ValueError(f"layer {s.layer}'s swap is {s.state.value}, not staging: it cannot land")
-            events = [e for e in (s.staged, s.tail_ready) if e is not None]
             slot = self.arena.slot(s.layer)
-            if self.copy_stream is not None:
-                stream = torch.cuda.current_stream(self.device)
-                for e in events:
-                    stream.wait_event(e)
-            gather_copy(slot[:self._head_bytes(s)], self.scratch.runs(s.scratch))
-            self.scratch.give_back(s.scratch)  # later users of the blocks are ordered after the copy (same stream)
+            if stream is None:
+                gather_copy(slot[:self._head_bytes(s)], self.scratch.runs(s.scratch))
+            else:
+                with torch.cuda.stream(stream):
+                    for e in (s.staged, s.tail_ready):
+                        if e is not None:
+                            stream.wait_event(e)
+                    gather_copy(slot[:self._head_bytes(s)], self.scratch.runs(s.scratch))
+            # the blocks' later users (KV writes, new scratch) run on the compute stream after join()
+            self.scratch.give_back(s.scratch)
             self.arena.set_precision(s.layer, s.dst)
             s.switched = True
             s.state = SwapState.DONE
@@ -315,7 +331,19 @@ class LayerSwapper:
             del self.swaps[s.layer]
             self.completed.append(s)
             landed.append(s)
+        if landed and stream is not None:
+            self._landed = stream.record_event()
+        if wait:
+            self.join()
         return landed
+
+    def join(self) -> None:
+        """Order the current stream after every landing copy enqueued so far (a no-op when none is pending).
+        Called before each forward and before the morpher's KV work, so nothing reads a landed slot or reuses a
+        scratch block before its copy."""
+        if self._landed is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._landed)
+            self._landed = None
 
     def _enqueue(self, s: Swap, copy) -> tuple[tuple | None, torch.cuda.Event]:
         """Run ``copy()`` (enqueues copies) on the copy stream behind ``s.fence``; returns the (start, end) timing
@@ -377,6 +405,10 @@ class LayerSwapper:
         return [s for s in self.swaps.values() if s.state in (SwapState.COPYING, SwapState.STAGING)]
 
     # ---- step hooks -----------------------------------------------------------------------------------------
+    def before_forward(self) -> None:
+        """Runner hook before every forward (hooks active or not): the step waits for staged landings."""
+        self.join()
+
     def step_precision(self, layer: int) -> Precision:
         """The precision ``layer`` runs at in the next step: a swap whose copy was issued switches the layer in
         that step's :meth:`before_layer` (a queued one only after the step, when it is issued)."""
@@ -445,5 +477,7 @@ class LayerSwapper:
         return done
 
     def synchronize(self) -> None:
+        """Wait on the host for every copy enqueued so far (host-to-device and landing copies)."""
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
+            self.land_stream.synchronize()

@@ -45,6 +45,11 @@ class ForwardBatch:
 class LayerHooks(Protocol):
     """Called by :meth:`LlamaModel.forward` around each layer (implemented by the layer swapper)."""
 
+    def before_forward(self) -> None:
+        """Called by the runner before every forward, whether :meth:`active` or not (orders the step after work
+        the hooks left on other streams)."""
+        ...
+
     def before_layer(self, layer: int) -> None: ...
 
     def after_layer(self, layer: int) -> None: ...
