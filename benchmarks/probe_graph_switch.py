@@ -9,7 +9,8 @@ same inputs and CUDA-event timing of each launch (each one synchronised, as engi
 
 * ``A``, ``B``: two captures of the same map's whole-step graph (identical kernels and arguments);
 * ``C``: the same map's composite segments (one launch per segment);
-* sequences that switch between them (``A`` x n, ``B`` x n, ...; alternating), ``A`` after an idle gap, and
+* sequences that switch between them (``A`` x n, ``B`` x n, ...; alternating; the same with ``cudaGraphUpload``
+  of the next graph before the switch), ``A`` after an idle gap, and
   ``A`` right after a device-to-device copy the size of a W8 layer on a side stream (what a landing enqueues).
 
 Reports the device time of every launch in each sequence.  Writes JSON with provenance.
@@ -20,6 +21,7 @@ Reports the device time of every launch in each sequence.  Writes JSON with prov
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import sys
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_fastpath import inject_decoding  # noqa: E402
 from morphserve.engine.config import EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
+from morphserve.engine.graph_composite import check, cudart  # noqa: E402
 from morphserve.provenance import provenance  # noqa: E402
 
 
@@ -88,6 +91,11 @@ def main() -> int:
             what = (before or {}).get(k)
             if what == "idle":
                 time.sleep(0.02)
+            elif what == "upload":  # cudaGraphUpload of this graph first (on a side stream, waited for)
+                exe = (a if w == "A" else bb).graph.raw_cuda_graph_exec()
+                check(cudart().cudaGraphUpload(ctypes.c_void_p(exe), ctypes.c_void_p(side.cuda_stream)),
+                      "cudaGraphUpload")
+                side.synchronize()
             elif what == "copy":
                 with torch.cuda.stream(side):
                     dst.copy_(src, non_blocking=True)
@@ -102,6 +110,7 @@ def main() -> int:
         "A_then_B_then_A": sequence(["A"] * n + ["B"] * n + ["A"] * n),
         "alternating": sequence(["A", "B"] * n),
         "A_then_C_then_A": sequence(["A"] * n + ["C"] * n + ["A"] * n),
+        "A_then_uploaded_B_then_A": sequence(["A"] * n + ["B"] * n + ["A"] * n, before={n: "upload", 2 * n: "upload"}),
         "A_idle_A": sequence(["A"] * 2 * n, before={n: "idle"}),
         "A_copy_A": sequence(["A"] * 2 * n, before={n: "copy"}),
     }
@@ -114,7 +123,7 @@ def main() -> int:
     for name, seq in runs.items():
         print(f"{name}: " + " ".join(f"{x['graph']}{'*' if x['before'] else ''}{x['ms'] / steady:.3f}" for x in seq),
               flush=True)
-    print(f"(ratios to A's steady {steady:.3f} ms; * = after an idle gap or a copy)")
+    print(f"(ratios to A's steady {steady:.3f} ms; * = after an idle gap, an upload or a copy)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     return 0
