@@ -174,6 +174,7 @@ def main() -> int:
         hook_ms.append(1e3 * (time.perf_counter() - t))
 
     runner.after_launch = hook
+    engine.warmed_up()  # freeze the warm heap, as a serving engine does
     graphs.full_capture_after = 10**9  # no whole-step capture inside the profiled steps
     if not args.whole_graphs:
         graphs.graphs.clear()  # every map runs its composite segments
