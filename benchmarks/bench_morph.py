@@ -122,7 +122,8 @@ class _LayerwiseNoSwap:
 
 def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps: int = 24,
                         bare_mib: tuple[int, ...] = (), staged_swaps: bool = False,
-                        segment_layers: int | None = None, copy_budget_mib: int | None = None) -> dict:
+                        segment_layers: int | None = None, copy_budget_mib: int | None = None,
+                        map_graphs: str = "whole") -> dict:
     """Steady decode of ``batch`` requests.  Per-step wall time: the host clock around ``engine.step()``, which
     returns once the step's sampled tokens are on the host (the copy stream is never synchronised, so a copy
     overlaps the steps as in serving).  Four settings on the same requests: no swap with the whole-step graph, no
@@ -222,8 +223,15 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     # The same four steps also give a no-swap control: the worst of a few steps is above their median by noise
     # alone, and a swap's worst step is the worst of 3-4 steps.
     def map_graph_ms() -> tuple[float, float]:
-        """This map's whole-step graph: median and worst of four steps on a fresh batch, in ms."""
-        graphs.capture(b)  # (outside the timed steps)
+        """This map's graph steps (whole-step graph, or its composite segments with ``map_graphs="composite"``):
+        median and worst of four steps on a fresh batch, in ms."""
+        if map_graphs == "whole":
+            graphs.capture(b)  # (outside the timed steps)
+        else:  # the map runs its composites: no whole-step graph (a swap then switches one segment, not the step)
+            key = graphs.precision_key()
+            graphs.graphs.pop(key, None)
+            if not graphs.ready(key, b):
+                graphs.prepare(key, b)
         ts = timed(4)
         return 1e3 * statistics.median(ts), 1e3 * max(ts)
 
@@ -312,7 +320,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     med = statistics.median
     # the composite counters are cumulative over this engine's runs (every batch size and path before this one)
     return {"batch": batch, "context": context, "steps": steps, "staged_swaps": staged_swaps,
-            "copy_budget_mib": copy_budget_mib if staged_swaps else None,
+            "copy_budget_mib": copy_budget_mib if staged_swaps else None, "map_graphs": map_graphs,
             "composite_builds": graphs.num_composite_builds, "composite_updates": graphs.num_composite_updates,
             "composite_steps": graphs.num_composite_steps, "segment_layers": graphs.segment_layers,
             "no_swap_graph_ms": 1e3 * med(base_graph),
@@ -403,7 +411,8 @@ def run_model(name: str, h2d: float, args) -> dict:
             for mib in (args.copy_budget_mib if st else [0])]
     out["decode_during_swaps"] = [decode_during_swaps(engine, staged, layers, b, args.context,
                                                       bare_mib=tuple(args.bare_copy_mib), staged_swaps=st,
-                                                      segment_layers=seg, copy_budget_mib=mib or None)
+                                                      segment_layers=seg, copy_budget_mib=mib or None,
+                                                      map_graphs=args.map_graphs)
                                   for st, seg, mib in runs for b in args.batch_sizes]
     out["segment"] = segment_ops(engine, staged, layers[1])
     out["kv_capacity_24GB"] = kv_capacity(name)
@@ -418,7 +427,8 @@ def _label(d: dict) -> str:
     if not d.get("staged_swaps"):
         return f"{d['batch']} (in-place)"
     paced = f", {d['copy_budget_mib']} MiB/step" if d.get("copy_budget_mib") else ""
-    return f"{d['batch']} (staged, {d.get('segment_layers', 'all')}-layer segments{paced})"
+    maps = ", maps on composites" if d.get("map_graphs") == "composite" else ""
+    return f"{d['batch']} (staged, {d.get('segment_layers', 'all')}-layer segments{paced}{maps})"
 
 
 def markdown(res: dict) -> str:
@@ -491,6 +501,9 @@ def main() -> None:
                     help="swap paths to time: in-place (per-layer graphs with hooks), staged (scratch + composites)")
     ap.add_argument("--segment-layers", type=int, nargs="+", default=[8],
                     help="layers per composite segment for the staged path (each value is one staged run)")
+    ap.add_argument("--map-graphs", choices=["whole", "composite"], default="whole",
+                    help="single swaps: the maps around each swap replay whole-step graphs (captured before), or "
+                         "composite segments only (a landing switches one segment)")
     ap.add_argument("--copy-budget-mib", type=int, nargs="+", default=[0],
                     help="staged swaps' copies enqueued per step, MiB (0: all at the request); one staged run each")
     ap.add_argument("--source-commit", default=None, help="the commit of the tree (the box's git metadata is stale)")
