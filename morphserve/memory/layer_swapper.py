@@ -170,9 +170,10 @@ class LayerSwapper:
         their bytes (see the module); without it every swap copies into the slot in place.  ``copy_budget``:
         bytes of staged-swap copies enqueued per step (per :meth:`issue`, in whole pieces of
         :data:`COPY_CHUNK_BYTES`; None: a swap's copies are enqueued at its request).  Pacing spreads a copy's
-        cost to the steps it overlaps (on an H200 a layer-sized copy in flight cost a batch-1 step 1-10%, median
-        5%) over more steps, at the price of the swap's latency; it measured no consistent gain (BENCHMARKS.md,
-        sixth swap-step campaign), so the systems leave it off."""
+        cost to the steps it overlaps (on an H200 a copy running through a batch-1 step slowed its GEMVs by 5-6%)
+        over more steps, at the price of the swap's latency; it lowered a swap's mean step but measured no
+        consistent gain in its worst step (BENCHMARKS.md, sixth and seventh swap-step campaigns), so the systems
+        leave it off."""
         if copy_budget is not None and copy_budget < 1:
             raise ValueError(f"copy_budget must be a positive number of bytes or None, got {copy_budget}")
         self.copy_budget = copy_budget
