@@ -168,3 +168,38 @@ def test_systems_installed_in_the_engine_loop(wide):
     attach_system(w4, "w4", [3, 1, 0, 2])
     assert w4.model.arena.precisions() == ["w4"] * 4 and w4.block_manager.num_total_blocks > 26
     assert attach_system(LLMEngine(EngineConfig(model=str(wide), num_kv_blocks=26)), "fp16", [0, 1, 2, 3]) is None
+
+
+def test_runner_calls_before_forward_every_step_even_with_inactive_hooks(wide):
+    """The runner calls its hooks' ``before_forward`` before every forward, also when ``active()`` is False (a
+    staged landing's copy must be joined before the next step reads the slot, whether or not per-layer hooks
+    run), and only ``before_forward`` while inactive."""
+    calls = []
+
+    class Hooks:
+        def before_forward(self):
+            calls.append("before_forward")
+
+        def active(self):
+            return False
+
+        def before_layer(self, layer):
+            calls.append("before_layer")
+
+        def after_layer(self, layer):
+            calls.append("after_layer")
+
+        def after_step(self):
+            calls.append("after_step")
+
+        def step_precision(self, layer):
+            raise AssertionError("inactive hooks are not asked")
+
+    engine = _engine(wide, 64)[0]
+    engine.runner.hooks = Hooks()
+    engine.add_request(PARITY_PROMPTS[0], SamplingParams(max_tokens=3, ignore_eos=True))
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    assert steps >= 3 and calls == ["before_forward"] * steps
