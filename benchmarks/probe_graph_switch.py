@@ -111,7 +111,8 @@ def main() -> int:
         "A_then_B_then_A": sequence(["A"] * n + ["B"] * n + ["A"] * n),
         "alternating": sequence(["A", "B"] * n),
         "A_then_C_then_A": sequence(["A"] * n + ["C"] * n + ["A"] * n),
-        **({"A_then_uploaded_B_then_A": sequence(["A"] * n + ["B"] * n + ["A"] * n, before={n: "upload", 2 * n: "upload"})}
+        **({"A_then_uploaded_B_then_A": sequence(["A"] * n + ["B"] * n + ["A"] * n,
+                                                 before={n: "upload", 2 * n: "upload"})}
            if hasattr(a.graph, "raw_cuda_graph_exec") else {}),  # (torch >= 2.8)
         "A_idle_A": sequence(["A"] * 2 * n, before={n: "idle"}),
         "A_copy_A": sequence(["A"] * 2 * n, before={n: "copy"}),

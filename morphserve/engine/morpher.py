@@ -14,9 +14,9 @@ With scratch space (:class:`morphserve.memory.layer_swapper.ScratchBlocks`) a sw
 to free KV blocks first and land in the slot between two steps (:meth:`LayerSwapper.land`, in
 :meth:`Morpher.after_step`: the device-to-device copy is enqueued on the swapper's landing stream behind the step
 just launched, the next step joins it, and the landing's host work, about 0.5 ms on an H200, overlaps the step on
-the GPU); a down swap's freed bytes are attached when it lands.  :func:`land_staged` also has the decode graphs build the destination map's composite graphs for the
-current batch bucket while the swap travels (host work done while the GPU runs the step just launched), so the
-first step at the new map replays graphs, never a capture.
+the GPU); a down swap's freed bytes are attached when it lands.  :func:`land_staged` also has the decode graphs
+build the destination map's composite graphs for the current batch bucket while the swap travels (host work done
+while the GPU runs the step just launched), so the first step at the new map replays graphs, never a capture.
 
 A layer with a copy in flight is left alone until it lands; a release whose layer is sent down again is cancelled.
 Every step appends a timeline entry: precision of each layer, target, KV capacity and use, queue, and the reason of

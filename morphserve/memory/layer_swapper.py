@@ -209,7 +209,8 @@ class LayerSwapper:
 
     def request(self, layer: int, dst: Precision) -> Swap | None:
         """Queue a swap of ``layer`` to ``dst`` (retargets a queued one; a queued swap to ``dst`` is returned as it
-        is).  Returns the swap, or None when the layer already is ``dst``.  A layer whose copy is in flight cannot be retargeted until it lands."""
+        is).  Returns the swap, or None when the layer already is ``dst``.  A layer whose copy is in flight cannot
+        be retargeted until it lands."""
         if not 0 <= layer < self.arena.cfg.num_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.arena.cfg.num_layers})")
         dst = Precision(dst)
