@@ -11,7 +11,6 @@ from morphserve.engine.controller import MorphController, mode_config
 from morphserve.engine.engine import LLMEngine
 from morphserve.engine.morpher import Morpher
 from morphserve.engine.sampling_params import SamplingParams
-from morphserve.memory.block_manager import BlockManager
 from morphserve.memory.kv_resizer import KVResizer
 from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks
 from morphserve.memory.weight_arena import Precision
