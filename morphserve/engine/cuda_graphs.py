@@ -90,6 +90,7 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class _Graph:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor | None  # [bucket, vocab] float32, written by each replay (whole-step and last-layer graphs)
+    structure: int | None = None  # a layer graph's structure id (DecodeGraphs.layer_structure), once asked for
 
 
 @dataclass
@@ -161,8 +162,7 @@ class DecodeGraphs:
         self.num_composite_steps = 0
         self.num_composite_update_failures = 0  # updates tried between equal structures that CUDA refused
         self.set_segment_layers(segment_layers)
-        self._layer_structure: dict[tuple[int, Any, int], int] = {}
-        self._structure_ids: dict[tuple, int] = {}
+        self._structure_ids: dict[tuple, int] = {}  # interned layer-graph structures
         self.last_bucket: int | None = None  # the bucket of the last decode step replayed
 
     # ---- layout ---------------------------------------------------------------------------------------------
@@ -326,12 +326,10 @@ class DecodeGraphs:
     def layer_structure(self, i: int, precision, b: int) -> int:
         """An id of the node structure of layer ``i``'s graph at ``precision`` in bucket ``b`` (captured if
         needed): equal ids, equal :func:`~morphserve.engine.graph_composite.structure`."""
-        k = (i, precision, b)
-        sid = self._layer_structure.get(k)
-        if sid is None:
-            st = structure(self.capture_layer(i, precision, b).graph.raw_cuda_graph())
-            sid = self._layer_structure[k] = self._structure_ids.setdefault(st, len(self._structure_ids))
-        return sid
+        g = self.capture_layer(i, precision, b)
+        if g.structure is None:
+            g.structure = self._structure_ids.setdefault(structure(g.graph.raw_cuda_graph()), len(self._structure_ids))
+        return g.structure
 
     def segments(self) -> list[tuple[int, int]]:
         """The layer ranges ``[lo, hi)`` of the composite segments."""
@@ -416,7 +414,6 @@ class DecodeGraphs:
         self._drop_composites()
         self.graphs.clear()
         self.layer_graphs.clear()
-        self._layer_structure.clear()
         self._stages.clear()
         self.mempool = torch.cuda.graph_pool_handle()
 

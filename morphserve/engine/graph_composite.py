@@ -10,9 +10,9 @@ attribute; at batch 8 and 32 an FP16 layer has one or two kernels more than a W8
 instantiated).
 
 PyTorch has no API for child-graph nodes, so this module calls the CUDA runtime that PyTorch loaded, through
-``ctypes``.  The per-layer graphs must be captured with ``keep_graph=True`` (their
-``cudaGraph_t`` is the child); a composite copies its children's nodes, so it stays valid while the per-layer
-graphs' memory (their captured buffers) is alive.
+``ctypes``.  The per-layer graphs must be captured with ``keep_graph=True`` (their ``cudaGraph_t`` is the child); a
+composite copies its children's nodes, so it stays valid while the per-layer graphs' memory (their captured
+buffers) is alive.
 """
 
 from __future__ import annotations

@@ -69,17 +69,17 @@ def land_staged(swapper: LayerSwapper, graphs=None) -> list[Swap]:
     ready (usually the same map: nothing to build), so the first step at the new map replays graphs too.  Returns
     the swaps that landed."""
     b = graphs.last_bucket if graphs is not None else None
-    if b is not None and swapper.staging():
-        key = swapper.target_map()
-        if not graphs.ready(key, b):
+
+    def make_ready(key: tuple) -> None:
+        if b is not None and not graphs.ready(key, b):
             graphs.prepare(key, b)
+
+    if swapper.staging():
+        make_ready(swapper.target_map())
     swaps = swapper.landable()
     if not swaps:
         return []
-    if b is not None:
-        key = swapper.map_after(swaps)
-        if not graphs.ready(key, b):
-            graphs.prepare(key, b)
+    make_ready(swapper.map_after(swaps))
     return swapper.land(swaps=swaps)
 
 

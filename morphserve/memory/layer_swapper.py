@@ -45,6 +45,7 @@ No step waits for the host link.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -314,15 +315,11 @@ class LayerSwapper:
         for s in todo:
             if s.state != SwapState.STAGING:
                 raise ValueError(f"layer {s.layer}'s swap is {s.state.value}, not staging: it cannot land")
-            slot = self.arena.slot(s.layer)
-            if stream is None:
-                gather_copy(slot[:self._head_bytes(s)], self.scratch.runs(s.scratch))
-            else:
-                with torch.cuda.stream(stream):
-                    for e in (s.staged, s.tail_ready):
-                        if e is not None:
-                            stream.wait_event(e)
-                    gather_copy(slot[:self._head_bytes(s)], self.scratch.runs(s.scratch))
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for e in (s.staged, s.tail_ready):  # (None on CPU, where the copies ran at once)
+                    if e is not None:
+                        stream.wait_event(e)
+                gather_copy(self.arena.slot(s.layer)[:self._head_bytes(s)], self.scratch.runs(s.scratch))
             # the blocks' later users (KV writes, new scratch) run on the compute stream after join()
             self.scratch.give_back(s.scratch)
             self.arena.set_precision(s.layer, s.dst)
