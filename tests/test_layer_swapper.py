@@ -206,7 +206,7 @@ def test_land_staged_builds_the_graphs_of_the_new_map_before_landing(staged_setu
     assert [x.layer for x in swapper.land()] == [2]
 
 
-def test_paced_staged_swaps_copy_a_budget_per_step_and_land_byte_identical(staged_setup):
+def test_paced_staged_swaps_copy_a_budget_per_step_and_land_byte_identical(staged_setup, monkeypatch):
     """With a copy budget, a staged swap's copies (a growing swap's tail into the slot, the rest into scratch) go
     out a budget per issue(); the swap lands only once all are done, byte-identical, with its scratch returned,
     and a cancel part-way gives everything back."""
@@ -215,37 +215,33 @@ def test_paced_staged_swaps_copy_a_budget_per_step_and_land_byte_identical(stage
     engine, staged = staged_setup
     arena, bm = engine.model.arena, engine.block_manager
     original = arena.storage.clone()
-    chunk = ls.COPY_CHUNK_BYTES
-    ls.COPY_CHUNK_BYTES = 4096  # the tiny model's layers are a few hundred KiB: many pieces
-    try:
-        swapper = LayerSwapper(arena, staged, "cpu", scratch=ScratchBlocks(engine.pool, bm), copy_budget=3 * 4096)
-        rng = random.Random(5)
-        for _ in range(40):
-            layer = rng.randrange(arena.cfg.num_layers)
-            dst = rng.choice([p for p in (P.FP16, P.W8, P.W4) if p != swapper.precision(layer)])
-            s = swapper.request(layer, dst)
-            left = sum(x.numel() for _, x in s.pending)
-            assert all(x.numel() <= 4096 for _, x in s.pending) and left > 3 * 4096
-            if s.grows:  # the tail part comes first, into the slot itself
-                assert s.pending[0][0].data_ptr() == arena.slot(layer)[staged.buffer(layer, s.src).numel():].data_ptr()
-            while not swapper.landable():
-                assert swapper.land() == [] and swapper.precision(layer) != dst  # nothing lands early
-                swapper.issue()
-                now = sum(x.numel() for _, x in s.pending)
-                assert (left - now >= 3 * 4096 or now == 0) and left - now < 4 * 4096  # the budget, in whole pieces
-                left = now
-            assert s.copy_steps >= 2 and swapper.land() == [s] and swapper.precision(layer) == dst
-            assert bm.num_used == 0
-            assert torch.equal(arena.slot(layer)[:staged.buffer(layer, dst).numel()], staged.buffer(layer, dst))
-        s = swapper.request(0, P.W4 if swapper.precision(0) != P.W4 else P.W8)
-        swapper.issue()
-        assert s.pending and swapper.cancel(0) and bm.num_used == 0 and not swapper.swaps
-        for layer in range(arena.cfg.num_layers):
-            if swapper.precision(layer) != P.FP16:
-                swapper.request(layer, P.FP16)
-        assert len(swapper.land(wait=True)) >= 1  # wait: the pending copies all go now
-        assert torch.equal(arena.storage, original) and not swapper.swaps and bm.num_used == 0
-        with pytest.raises(ValueError, match="copy_budget"):
-            LayerSwapper(arena, staged, "cpu", copy_budget=0)
-    finally:
-        ls.COPY_CHUNK_BYTES = chunk
+    monkeypatch.setattr(ls, "COPY_CHUNK_BYTES", 4096)  # the tiny model's layers are a few hundred KiB: many pieces
+    swapper = LayerSwapper(arena, staged, "cpu", scratch=ScratchBlocks(engine.pool, bm), copy_budget=3 * 4096)
+    rng = random.Random(5)
+    for _ in range(40):
+        layer = rng.randrange(arena.cfg.num_layers)
+        dst = rng.choice([p for p in (P.FP16, P.W8, P.W4) if p != swapper.precision(layer)])
+        s = swapper.request(layer, dst)
+        left = sum(x.numel() for _, x in s.pending)
+        assert all(x.numel() <= 4096 for _, x in s.pending) and left > 3 * 4096
+        if s.grows:  # the tail part comes first, into the slot itself
+            assert s.pending[0][0].data_ptr() == arena.slot(layer)[staged.buffer(layer, s.src).numel():].data_ptr()
+        while not swapper.landable():
+            assert swapper.land() == [] and swapper.precision(layer) != dst  # nothing lands early
+            swapper.issue()
+            now = sum(x.numel() for _, x in s.pending)
+            assert (left - now >= 3 * 4096 or now == 0) and left - now < 4 * 4096  # the budget, in whole pieces
+            left = now
+        assert s.copy_steps >= 2 and swapper.land() == [s] and swapper.precision(layer) == dst
+        assert bm.num_used == 0
+        assert torch.equal(arena.slot(layer)[:staged.buffer(layer, dst).numel()], staged.buffer(layer, dst))
+    s = swapper.request(0, P.W4 if swapper.precision(0) != P.W4 else P.W8)
+    swapper.issue()
+    assert s.pending and swapper.cancel(0) and bm.num_used == 0 and not swapper.swaps
+    for layer in range(arena.cfg.num_layers):
+        if swapper.precision(layer) != P.FP16:
+            swapper.request(layer, P.FP16)
+    assert len(swapper.land(wait=True)) >= 1  # wait: the pending copies all go now
+    assert torch.equal(arena.storage, original) and not swapper.swaps and bm.num_used == 0
+    with pytest.raises(ValueError, match="copy_budget"):
+        LayerSwapper(arena, staged, "cpu", copy_budget=0)
