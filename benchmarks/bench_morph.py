@@ -27,7 +27,7 @@ import morphserve.quant  # noqa: E402,F401  (registers W8/W4)
 from benchmarks.bench_fastpath import inject_decoding  # noqa: E402
 from morphserve.engine.config import ACTIVATION_RESERVE_BYTES, EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
-from morphserve.engine.morpher import land_staged  # noqa: E402
+from morphserve.engine.morpher import advance_swaps  # noqa: E402
 from morphserve.memory.kv_pool import KVPool  # noqa: E402
 from morphserve.memory.kv_resizer import KVResizer  # noqa: E402
 from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks, chunked_copy  # noqa: E402
@@ -196,9 +196,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
     runner.hooks = sw
 
     def issue_and_poll():
-        sw.issue()
-        sw.poll()
-        land_staged(sw, graphs)
+        advance_swaps(sw, graphs)
 
     runner.after_launch = issue_and_poll
     cycle = [(layers[k % len(layers)], P.W4 if (k // len(layers)) % 2 == 0 else P.FP16) for k in range(steps + 2)]

@@ -42,7 +42,7 @@ from benchmarks.bench_morph import stage_layers  # noqa: E402
 from morphserve.engine.config import EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
 from morphserve.engine.graph_composite import CompositeGraph  # noqa: E402
-from morphserve.engine.morpher import land_staged  # noqa: E402
+from morphserve.engine.morpher import advance_swaps  # noqa: E402
 from morphserve.memory import layer_swapper as ls  # noqa: E402
 from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks  # noqa: E402
 from morphserve.memory.weight_arena import Precision  # noqa: E402
@@ -153,9 +153,7 @@ def landing_calls(engine, staged, layers: list[int]) -> dict:
     def hook():
         t = time.perf_counter()
         prof.enable()
-        sw.issue()
-        sw.poll()
-        land_staged(sw, graphs)
+        advance_swaps(sw, graphs)
         prof.disable()
         calls.step["hook"] += 1e3 * (time.perf_counter() - t)
 

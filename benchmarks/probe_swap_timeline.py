@@ -45,7 +45,7 @@ from benchmarks.bench_morph import stage_layers  # noqa: E402
 from morphserve.engine.config import EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
 from morphserve.engine.model_runner import StepTiming  # noqa: E402
-from morphserve.engine.morpher import land_staged  # noqa: E402
+from morphserve.engine.morpher import advance_swaps  # noqa: E402
 from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks  # noqa: E402
 from morphserve.memory.weight_arena import Precision  # noqa: E402
 from morphserve.provenance import provenance  # noqa: E402
@@ -168,9 +168,7 @@ def main() -> int:
     def hook():
         t = time.perf_counter()
         land_ms.append(0.0)
-        sw.issue()
-        sw.poll()
-        land_staged(sw, graphs)
+        advance_swaps(sw, graphs)
         hook_ms.append(1e3 * (time.perf_counter() - t))
 
     runner.after_launch = hook

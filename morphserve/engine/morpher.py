@@ -83,6 +83,15 @@ def land_staged(swapper: LayerSwapper, graphs=None) -> list[Swap]:
     return swapper.land(swaps=swaps)
 
 
+def advance_swaps(swapper: LayerSwapper, graphs=None) -> tuple[list[Swap], list[Swap]]:
+    """The swapper's work right after a step's launch: issue queued in-place copies, retire finished ones, land
+    staged swaps (:func:`land_staged`).  Returns (issued, landed).  :meth:`Morpher.after_step` runs it; the
+    benchmarks install it as the runner's after-launch hook."""
+    issued = swapper.issue()
+    swapper.poll()
+    return issued, land_staged(swapper, graphs)
+
+
 class Morpher:
     def __init__(self, engine, swapper: LayerSwapper, resizer: KVResizer,
                  controller: MorphController | None = None, static_map: list[Precision] | None = None,
@@ -151,9 +160,8 @@ class Morpher:
             reason))
 
     def after_step(self) -> None:
-        self._attach_freed(self.swapper.issue())
-        self.swapper.poll()
-        self._attach_freed(land_staged(self.swapper, self.engine.runner.graphs))
+        issued, landed = advance_swaps(self.swapper, self.engine.runner.graphs)
+        self._attach_freed(issued + landed)
         self._step += 1
 
     def settle_idle(self) -> None:
