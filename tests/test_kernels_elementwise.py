@@ -3,6 +3,8 @@
 Runs compiled on CUDA, or under the Triton interpreter on CPU (shapes kept tiny).
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,33 @@ def test_gemv_matches_f_linear(m, k):
         assert err <= 2e-3 * want.abs().max().item() + 1e-2, (cfg, err)
 
 
+@pytest.mark.parametrize("m", [1, 16])
+def test_gemv_and_linear_write_into_out(m):
+    """``out=`` (how a per-layer CUDA graph hands its output to the next layer's graph): the result lands in the
+    given tensor, equal to the allocating call, through the Triton GEMV (with and without split-K) and through the
+    dense fallback; a wrong ``out`` is refused with its shape, dtype and layout in the message."""
+    dtype = torch.float16
+    x, w = _rand(m, 64, dtype=dtype), _rand(48, 64, dtype=dtype)
+    bm = 1 if m == 1 else 16
+    for cfg in [GemvConfig(bm, 16, 32, 4, 1), GemvConfig(bm, 16, 32, 4, 1, split_k=2)]:
+        out = torch.full((m, 48), float("nan"), dtype=dtype, device=DEV)
+        got = gemv(x, w, cfg, out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(out, gemv(x, w, cfg))
+    lw = LayerWeights(0, Precision.FP16, {"o": w})
+    for scope in (contextlib.nullcontext, enabled):  # dense fallback, then the Triton GEMV
+        with scope():
+            out = torch.full((m, 48), float("nan"), dtype=dtype, device=DEV)
+            assert linear(x, lw, "o", out=out).data_ptr() == out.data_ptr()
+            assert torch.equal(out, linear(x, lw, "o"))
+            for bad, what in [(torch.empty(m, 47, dtype=dtype, device=DEV), r"\(%d, 47\)" % m),
+                              (torch.empty(m, 48, device=DEV), "torch.float32"),
+                              (torch.empty(m, 96, dtype=dtype, device=DEV)[:, ::2], "strided")]:
+                with pytest.raises(ValueError, match=what):
+                    linear(x, lw, "o", out=bad)
+    with pytest.raises(ValueError, match="2-D x"):
+        linear(x.view(1, m, 64), lw, "o", out=torch.empty(m, 48, dtype=dtype, device=DEV))
+
+
 def test_gemv_candidates_are_valid_and_bad_configs_rejected():
     assert set(CANDIDATES) == set(G.TUNED_MS)
     assert all(c.block_m == 1 for c in CANDIDATES[1]) and all(c.block_m >= 16 for c in CANDIDATES[16])
@@ -134,7 +163,8 @@ def test_linear_routes_through_triton_only_inside_the_scope(monkeypatch):
     import morphserve.kernels.gemv as g
 
     real = g.gemv
-    monkeypatch.setattr(g, "gemv", lambda x, w, config=None: calls.append(x.shape[0]) or real(x, w, config))
+    monkeypatch.setattr(g, "gemv", lambda x, w, config=None, out=None: calls.append(x.shape[0])
+                        or real(x, w, config, out))
     w = _rand(32, 64, dtype=torch.float16)
     lw = LayerWeights(0, Precision.FP16, {"o": w})
     x = _rand(2, 64, dtype=torch.float16)

@@ -239,6 +239,29 @@ def test_linear_dispatch_uses_the_quantized_weights(dtype):
         linear(x, _layer(Precision.W4, q4.tensors("o")), "qkv")
 
 
+def test_every_path_kind_writes_into_out():
+    """``out=`` through each kind of path (GEMV, GEMM, weight-stationary GEMM, dequantize + matmul) and through the
+    registered linear: the result is written into the given tensor and equals the allocating call's."""
+    n, k, g, m, dtype = 48, 256, 128, 2, DTYPES[-1]
+    q4, q8 = _w4(n, k, g, dtype), _w8(n, k, dtype)
+    x = _x(m, k, dtype)
+    for w, q in ((dispatch.QuantWeight(Precision.W4, q4.qweight, q4.scales, q4.zeros, g), q4),
+                 (dispatch.QuantWeight(Precision.W8, q8.qweight, q8.scales), q8)):
+        first = {}
+        for p in dispatch.candidates(w, 1, 132) + dispatch.candidates(w, 4, 132):
+            first.setdefault(p.kind, p)
+        assert set(first) == {"gemv", "gemm", "gemm_t", "dequant_mm"}
+        for p in first.values():
+            out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+            assert dispatch.run_path(p, x, w, out).data_ptr() == out.data_ptr()
+            assert torch.equal(out, dispatch.run_path(p, x, w)), (w.precision, p.name)
+        lw = _layer(w.precision, q.tensors("o"))
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+        assert linear(x, lw, "o", out=out).data_ptr() == out.data_ptr() and torch.equal(out, linear(x, lw, "o"))
+        with pytest.raises(ValueError, match=r"\[2, 48\]"):
+            linear(x, lw, "o", out=torch.empty(m, n + 1, dtype=dtype, device=DEV))
+
+
 # ---- GPU only: real shapes and the tuner --------------------------------------------------------------------------
 def _quant_weights(n, k, dtype):
     g = 128 if k % 128 == 0 else 64
@@ -260,6 +283,9 @@ def test_real_shapes_every_candidate_fp16(n, k, m):
         ref = _ref64(x, wd)
         for p in dispatch.candidates(w, dispatch.bucket_of(m), props.multi_processor_count):
             assert _err(dispatch.run_path(p, x, w), ref) < TOL[torch.float16], (w.precision, m, p.name)
+            out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEV)
+            dispatch.run_path(p, x, w, out)
+            assert _err(out, ref) < TOL[torch.float16], (w.precision, m, p.name, "out=")
 
 
 @gpu_only

@@ -260,17 +260,20 @@ class DecodeGraphs:
     def _layer_step(self, i: int, st: _LayerStage) -> torch.Tensor | None:
         """Layer ``i`` of a decode step on the bucket's static buffers (what a layer graph replays)."""
         m, last = self.model, i == self.model.cfg.num_layers - 1
+        # a layer's output goes straight into the stage's buffer (the last projection writes it there): a copy
+        # kernel at each of the 31 layer boundaries made a batch-1 composite step 1.5-2.3% slower than the
+        # whole-step graph (BENCHMARKS.md, issue 5, seventh campaign)
+        out = None if last else st.x
         with self.kernels.linear_scope():
             if i == 0:
-                st.residual.copy_(m.embed[st.batch.token_ids])
-                x, residual = m.layer_forward(0, st.residual, None, st.state, self.pool, self.kernels)
+                torch.index_select(m.embed, 0, st.batch.token_ids, out=st.residual)
+                x, residual = m.layer_forward(0, st.residual, None, st.state, self.pool, self.kernels, out)
             else:
-                x, residual = m.layer_forward(i, st.x, st.residual, st.state, self.pool, self.kernels)
+                x, residual = m.layer_forward(i, st.x, st.residual, st.state, self.pool, self.kernels, out)
             if residual.data_ptr() != st.residual.data_ptr():  # the Triton norm updates the residual in place
                 st.residual.copy_(residual)
             if last:
                 return m.head(x, st.residual, st.batch.logits_indices, self.kernels)
-            st.x.copy_(x)
             return None
 
     def capture_layer(self, i: int, precision, b: int) -> _Graph:

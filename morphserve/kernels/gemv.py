@@ -37,14 +37,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.triton_support import launch_options
 from morphserve.memory.weight_arena import LayerWeights, Precision
-from morphserve.model.linear import register_linear
+from morphserve.model.linear import dense_linear, output_buffer, register_linear
 
 # Largest M routed to the Triton kernel for shapes the tuning table does not cover.
 MAX_M = 16
@@ -225,9 +224,10 @@ def _splitk_reduce_kernel(part_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexp
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """``x @ w.T`` for ``x`` ``[M, K]`` and ``w`` ``[N, K]`` (rows contiguous, same dtype); returns ``[M, N]``.
-    ``config`` defaults to the tuning table's entry, else :func:`gemv_config`."""
+def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T`` for ``x`` ``[M, K]`` and ``w`` ``[N, K]`` (rows contiguous, same dtype); returns ``[M, N]``
+    (``out`` when given).  ``config`` defaults to the tuning table's entry, else :func:`gemv_config`."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.dtype != w.dtype:
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype} do not match")
     if x.stride(1) != 1 or w.stride(1) != 1:
@@ -240,7 +240,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> 
     cfg = config
     if m > 1 and cfg.block_m == 1:
         raise ValueError(f"the FMA path (block_m=1) serves M == 1 only, got M={m}")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = output_buffer(out, m, n, x)
     if not (m and n):
         return y
     # each split covers a whole number of BLOCK_K chunks; splits past the end of K do nothing
@@ -271,14 +271,15 @@ def use_triton(x: torch.Tensor, w: torch.Tensor) -> bool:
     return tuned is not None
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` by the Triton kernel where :func:`use_triton` says so, else ``F.linear`` (the reference)."""
-    return gemv(x, w) if use_triton(x, w) else F.linear(x, w)
+def matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T`` by the Triton kernel where :func:`use_triton` says so, else ``F.linear`` (the reference);
+    into ``out`` when given (``x`` 2-D)."""
+    return gemv(x, w, out=out) if use_triton(x, w) else dense_linear(x, w, out)
 
 
-def linear_fp16(x: torch.Tensor, lw: LayerWeights, name: str) -> torch.Tensor:
+def linear_fp16(x: torch.Tensor, lw: LayerWeights, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """The FP16-precision linear kernel (registered for :attr:`Precision.FP16`)."""
-    return matmul(x, lw.tensors[name])
+    return matmul(x, lw.tensors[name], out)
 
 
 register_linear(Precision.FP16, linear_fp16)

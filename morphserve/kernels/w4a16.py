@@ -49,6 +49,7 @@ import triton.language as tl
 
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.triton_support import dot_precision, interpreting, launch_options
+from morphserve.model.linear import output_buffer
 from morphserve.quant.packing import W4_PACK, dequantize_w4
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -351,7 +352,7 @@ def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_pt
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-               cfg: GemvConfig = GemvConfig(256, 2)) -> torch.Tensor:
+               cfg: GemvConfig = GemvConfig(256, 2), out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` with the split-K GEMV kernel (one program per row of ``x``, column block and K split)."""
     m, n, k = _check_operands(x, qweight, scales, zeros, group_size)
     _check_block("block_n", cfg.block_n, 16)
@@ -359,7 +360,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     split = max(1, min(cfg.split_k, num_groups))
     groups_per_split = triton.cdiv(num_groups, split)
     split = triton.cdiv(num_groups, groups_per_split)  # no empty splits
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = output_buffer(out, m, n, x)
     if m == 0:
         return y
     grid = (triton.cdiv(n, cfg.block_n), split, m)
@@ -459,7 +460,7 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-               cfg: GemmConfig = GemmConfig(16, 128, 4, 3)) -> torch.Tensor:
+               cfg: GemmConfig = GemmConfig(16, 128, 4, 3), out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` with a tiled tensor-core kernel (one group of K per step, optional split-K): the
     activation-stationary :func:`_w4_gemm_kernel`, or with ``cfg.weight_a`` the weight-stationary
     :func:`_w4_gemm_t_kernel` (group size >= 128)."""
@@ -473,7 +474,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     split = max(1, min(cfg.split_k, num_groups))
     groups_per_split = triton.cdiv(num_groups, split)
     split = triton.cdiv(num_groups, groups_per_split)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = output_buffer(out, m, n, x)
     if m == 0:
         return y
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
@@ -579,7 +580,8 @@ def w4a16_dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
 
 
 def w4a16_dequant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                     group_size: int, scratch: torch.Tensor) -> torch.Tensor:
+                     group_size: int, scratch: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` by dequantizing ``W.T`` into ``scratch`` (1-D, ``x``'s dtype) and multiplying with cuBLAS, in
     chunks of output columns when the whole ``[K, N]`` does not fit in ``scratch``."""
     m, n, k = _check_operands(x, qweight, scales, zeros, group_size)
@@ -592,7 +594,7 @@ def w4a16_dequant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if chunk == 0:
         raise ValueError(f"scratch of {scratch.numel()} elements holds fewer than {min(n, _CHUNK_ALIGN)} "
                          f"columns of K={k}")
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = output_buffer(out, m, n, x)
     for n0 in range(0, n, chunk):
         nc = min(chunk, n - n0)
         wt = w4a16_dequantize_t(qweight, scales, zeros, group_size, scratch[:k * nc].view(k, nc), n0)

@@ -33,6 +33,7 @@ from morphserve.kernels.w4a16 import (_CHUNK_ALIGN, _SUPPORTED_DTYPES, GemmConfi
                                       _dot_mode, gemm_tile, splitk_workspace, store_tile, store_tile_t)
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.triton_support import interpreting, launch_options
+from morphserve.model.linear import output_buffer
 from morphserve.quant.packing import dequantize_w8
 
 W8_WORD = 4  # int8 codes per int32 word in the GEMV kernel's view
@@ -108,7 +109,7 @@ def _w8_gemv_kernel(x_ptr, qw_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 
 def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-               cfg: GemvConfig = GemvConfig(32, 4)) -> torch.Tensor:
+               cfg: GemvConfig = GemvConfig(32, 4), out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` with the split-K GEMV kernel (one program per row of ``x``, row block of W and K split).
     ``cfg.block_n`` rows of W per program; each step covers 256 input features."""
     m, n, k = _check_operands(x, qweight, scales)
@@ -121,7 +122,7 @@ def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     split = max(1, min(cfg.split_k, steps))
     steps_per_split = triton.cdiv(steps, split)
     split = triton.cdiv(steps, steps_per_split)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = output_buffer(out, m, n, x)
     if m == 0:
         return y
     grid = (triton.cdiv(n, cfg.block_n), split, m)
@@ -169,7 +170,8 @@ def _w8_gemm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 
 def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-               cfg: GemmConfig = GemmConfig(16, 128, 4, 3, block_k=128)) -> torch.Tensor:
+               cfg: GemmConfig = GemmConfig(16, 128, 4, 3, block_k=128),
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` with a tiled tensor-core kernel (``cfg.block_k`` input features per step, which must divide
     K; optional split-K): the activation-stationary :func:`_w8_gemm_kernel`, or with ``cfg.weight_a`` the
     weight-stationary :func:`_w8_gemm_t_kernel`."""
@@ -183,7 +185,7 @@ def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     split = max(1, min(cfg.split_k, steps))
     steps_per_split = triton.cdiv(steps, split)
     split = triton.cdiv(steps, steps_per_split)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = output_buffer(out, m, n, x)
     if m == 0:
         return y
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
@@ -264,7 +266,8 @@ def w8a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, out: torch.Ten
 
 
 def w8a16_dequant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                     scratch: torch.Tensor) -> torch.Tensor:
+                     scratch: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` by dequantizing ``W`` into ``scratch`` (1-D, ``x``'s dtype) and multiplying with cuBLAS, in
     chunks of output rows when the whole ``[N, K]`` does not fit in ``scratch``."""
     m, n, k = _check_operands(x, qweight, scales)
@@ -277,7 +280,7 @@ def w8a16_dequant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if chunk == 0:
         raise ValueError(f"scratch of {scratch.numel()} elements holds fewer than {min(n, _CHUNK_ALIGN)} "
                          f"rows of K={k}")
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = output_buffer(out, m, n, x)
     for n0 in range(0, n, chunk):
         nc = min(chunk, n - n0)
         w = w8a16_dequantize(qweight, scales, scratch[:nc * k].view(nc, k), n0)

@@ -140,11 +140,12 @@ class LlamaModel:
             return self.head(x, residual, batch.logits_indices, ks)
 
     def layer_forward(self, i: int, x: torch.Tensor, residual: torch.Tensor | None, state, pool: KVPool,
-                      ks: KernelSet) -> tuple[torch.Tensor, torch.Tensor]:
+                      ks: KernelSet, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder layer ``i`` at its current precision: ``(x, residual)`` in, ``(x, residual)`` out (``residual``
         is None before the first layer, whose input is the embedding).  ``state`` is ``ks.begin(...)``'s; the
-        caller has entered ``ks.linear_scope()``.  :meth:`forward` runs the layers through this, and so does the
-        per-layer CUDA-graph runner (:mod:`morphserve.engine.cuda_graphs`)."""
+        caller has entered ``ks.linear_scope()``.  ``out``: where the layer's output ``x`` is written (the last
+        projection writes it there; it may be the input ``x``, which is read only before).  :meth:`forward` runs
+        the layers through this, and so does the per-layer CUDA-graph runner (:mod:`morphserve.engine.cuda_graphs`)."""
         eps = self.cfg.rms_norm_eps
         lw = self.arena.layers[i]
         if residual is None:
@@ -154,7 +155,7 @@ class LlamaModel:
         q = ks.rope_and_store(linear(h, lw, "qkv"), state, pool, lw.index)
         x = linear(ks.attention(q, state, pool, lw.index), lw, "o")
         h, residual = ks.add_rms_norm(x, residual, lw["post_norm"], eps)
-        x = linear(ks.silu_and_mul(linear(h, lw, "gate_up")), lw, "down")
+        x = linear(ks.silu_and_mul(linear(h, lw, "gate_up")), lw, "down", out)
         return x, residual
 
     def head(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, ks: KernelSet) -> torch.Tensor:

@@ -34,11 +34,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from morphserve.memory.weight_arena import LayerWeights, Precision
 from morphserve.model.config import ModelConfig
-from morphserve.model.linear import register_linear
+from morphserve.model.linear import dense_linear, output_buffer, register_linear
 from morphserve.quant.packing import W4_PACK, dequantize_w4, dequantize_w8, w4_group_size_of
 
 _LOG = logging.getLogger(__name__)
@@ -117,27 +116,27 @@ class Path:
         return "dequant_mm" if self.config is None else self.config.name
 
 
-def reference_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+def reference_matmul(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` through the pure-PyTorch reference (dequantize, then ``F.linear``; any device): the computation
     of :func:`~morphserve.kernels.w4a16.w4a16_matmul_ref` and :func:`~morphserve.kernels.w8a16.w8a16_matmul_ref`,
     without importing the Triton modules on CPU."""
-    return F.linear(x, w.dequantize().to(x.dtype))
+    return dense_linear(x, w.dequantize().to(x.dtype), out)
 
 
-def run_path(path: Path, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """``x @ W.T`` (``x`` 2-D) through one Triton path."""
+def run_path(path: Path, x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T`` (``x`` 2-D) through one Triton path, into ``out`` when given."""
     from morphserve.kernels import w4a16, w8a16
 
     if path.kind == "dequant_mm":
         scratch = dequant_scratch(x.device, x.dtype, w.n * w.k)
         if w.precision is Precision.W4:
-            return w4a16.w4a16_dequant_mm(x, w.qweight, w.scales, w.zeros, w.group_size, scratch)
-        return w8a16.w8a16_dequant_mm(x, w.qweight, w.scales, scratch)
+            return w4a16.w4a16_dequant_mm(x, w.qweight, w.scales, w.zeros, w.group_size, scratch, out)
+        return w8a16.w8a16_dequant_mm(x, w.qweight, w.scales, scratch, out)
     if w.precision is Precision.W4:
         fn = w4a16.w4a16_gemv if path.kind == "gemv" else w4a16.w4a16_gemm  # gemm_t: GemmConfig.weight_a
-        return fn(x, w.qweight, w.scales, w.zeros, w.group_size, path.config)
+        return fn(x, w.qweight, w.scales, w.zeros, w.group_size, path.config, out)
     fn = w8a16.w8a16_gemv if path.kind == "gemv" else w8a16.w8a16_gemm
-    return fn(x, w.qweight, w.scales, path.config)
+    return fn(x, w.qweight, w.scales, path.config, out)
 
 
 # GEMM tiles (block_m, block_n, num_warps, num_stages) tried per M bucket (the first bound >= M applies).  From the
@@ -249,7 +248,7 @@ def dequant_scratch(device: torch.device, dtype: torch.dtype, elems: int) -> tor
     want = min(elems, SCRATCH_BYTES // dtype.itemsize)
     buf = _SCRATCH.get((device, dtype))
     if buf is None or buf.numel() < want:
-        if torch.cuda.is_current_stream_capturing():
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the dequantize scratch must be allocated before CUDA graph capture; "
                                "tune the shapes first (morphserve.quant.dispatch.tune_shapes)")
         _SCRATCH[(device, dtype)] = buf = torch.empty(want, dtype=dtype, device=device)
@@ -464,29 +463,32 @@ def tune_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
 
 
 # ---- the registered linear functions ---------------------------------------------------------------------------------
-def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """``x @ W.T`` for ``x`` of shape ``[..., K]``: references off CUDA, the tuned Triton path on CUDA."""
+def quant_matmul(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T`` for ``x`` of shape ``[..., K]``: references off CUDA, the tuned Triton path on CUDA.  ``out``
+    (``x`` 2-D): a contiguous ``[M, N]`` tensor the result is written into."""
     if x.shape[-1] != w.k:
         raise ValueError(f"x has {x.shape[-1]} input features, the W{w.precision.value[1:]} weight {w.k}")
+    if out is not None and x.dim() != 2:
+        raise ValueError(f"quant_matmul with out= needs a 2-D x [M, K], got shape {tuple(x.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if x2.device.type != "cuda":
-        y = reference_matmul(x2, w)
+        y = reference_matmul(x2, w, out)
     elif x2.shape[0] == 0:
-        y = x2.new_empty(0, w.n)
+        y = output_buffer(out, 0, w.n, x2)
     else:
-        y = run_path(chosen_path(w, x2.dtype, x2.shape[0]), x2, w)
+        y = run_path(chosen_path(w, x2.dtype, x2.shape[0]), x2, w, out)
     return y.reshape(*lead, w.n)
 
 
-def linear_w4(x: torch.Tensor, lw: LayerWeights, name: str) -> torch.Tensor:
-    return quant_matmul(x, QuantWeight.of(lw, name))
+def linear_w4(x: torch.Tensor, lw: LayerWeights, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    return quant_matmul(x, QuantWeight.of(lw, name), out)
 
 
-def linear_w8(x: torch.Tensor, lw: LayerWeights, name: str) -> torch.Tensor:
-    return quant_matmul(x, QuantWeight.of(lw, name))
+def linear_w8(x: torch.Tensor, lw: LayerWeights, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    return quant_matmul(x, QuantWeight.of(lw, name), out)
 
 
 register_linear(Precision.W4, linear_w4)

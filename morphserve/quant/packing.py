@@ -38,9 +38,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from morphserve.memory.weight_arena import LayerWeights
+from morphserve.model.linear import dense_linear
 
 W4_PACK = 8  # 4-bit codes per int32 word
 W4_MAX_CODE = 15
@@ -204,16 +204,18 @@ def w4_group_size_of(qweight: torch.Tensor, scales: torch.Tensor) -> int:
     return k // scales.shape[0]
 
 
-def reference_linear_w4(x: torch.Tensor, lw: LayerWeights, name: str) -> torch.Tensor:
+def reference_linear_w4(x: torch.Tensor, lw: LayerWeights, name: str,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` for W4 projection ``name`` of layer ``lw``: dequantize, then ``F.linear`` (any device)."""
     t = lw.tensors
     qweight, scales, zeros = t[f"{name}.qweight"], t[f"{name}.scales"], t[f"{name}.zeros"]
     w = dequantize_w4(qweight, scales, zeros, w4_group_size_of(qweight, scales))
-    return F.linear(x, w.to(x.dtype))
+    return dense_linear(x, w.to(x.dtype), out)
 
 
-def reference_linear_w8(x: torch.Tensor, lw: LayerWeights, name: str) -> torch.Tensor:
+def reference_linear_w8(x: torch.Tensor, lw: LayerWeights, name: str,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` for W8 projection ``name`` of layer ``lw``: dequantize, then ``F.linear`` (any device)."""
     t = lw.tensors
     w = dequantize_w8(t[f"{name}.qweight"], t[f"{name}.scales"])
-    return F.linear(x, w.to(x.dtype))
+    return dense_linear(x, w.to(x.dtype), out)
