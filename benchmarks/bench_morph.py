@@ -432,6 +432,26 @@ def _label(d: dict) -> str:
     return f"{d['batch']} (staged, {d.get('segment_layers', 'all')}-layer segments{paced}{maps})"
 
 
+def single_swap_rows(res: dict, limit: float = 1.05) -> list[str]:
+    """The campaign tables' summary of the one-swap-at-a-time steps (BENCHMARKS.md, issue 5): per model and row,
+    each swap's worst step against the slower of its two maps (range, median, how many within ``limit``), its mean
+    step against the same (median and largest), and the no-swap control (worst of as many destination-map steps as
+    the swap took, against the map; median over the swaps)."""
+    rows = ["| model | batch | copies | worst vs maps: range | median | within %.2fx | mean vs maps: median, max | "
+            "control |" % limit, "|---|---|---|---|---|---|---|---|"]
+    for m in res["models"]:
+        for d in m["decode_during_swaps"]:
+            xs = d["single_swaps"]
+            worst = [x["max_vs_maps"] for x in xs]
+            mean = [x["mean_ms"] / max(x["src_map_graph_ms"], x["dst_map_graph_ms"]) for x in xs]
+            copies = f"{d['copy_budget_mib']} MiB/step" if d.get("copy_budget_mib") else "unpaced"
+            rows.append(f"| {m['model']} | {d['batch']} | {copies} | {min(worst):.3f}-{max(worst):.3f}x | "
+                        f"{statistics.median(worst):.3f}x | {sum(w <= limit for w in worst)} of {len(worst)} | "
+                        f"{statistics.median(mean):.3f}x, {max(mean):.3f}x | "
+                        f"{statistics.median(x['control_worst_vs_maps'][-1] for x in xs):.3f}x |")
+    return rows
+
+
 def markdown(res: dict) -> str:
     lines = [f"Pinned host-to-device bandwidth (1 GiB copy, median of 10): **{res['pinned_h2d_gbps']:.1f} GB/s**", ""]
     for m in res["models"]:
@@ -487,7 +507,7 @@ def markdown(res: dict) -> str:
         pick = [c for c in caps if c["w4_layers"] in (0, 4, 8, 16, 24, len(caps) - 1)]
         lines += ["KV capacity under a 24 GB budget (computed from the layouts): " +
                   ", ".join(f"{c['w4_layers']} W4 layers: {c['blocks']} blocks ({c['vs_fp16']:.2f}x)" for c in pick), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + single_swap_rows(res))
 
 
 def main() -> None:
@@ -510,7 +530,13 @@ def main() -> None:
                     help="staged swaps' copies enqueued per step, MiB (0: all at the request); one staged run each")
     ap.add_argument("--source-commit", default=None, help="the commit of the tree (the box's git metadata is stale)")
     ap.add_argument("--out", default="benchmarks/results/morph.json")
+    ap.add_argument("--summarise", type=Path, nargs="+", metavar="JSON",
+                    help="print the one-swap summary table of earlier results files and exit (no GPU needed)")
     args = ap.parse_args()
+    if args.summarise:
+        rows = [single_swap_rows(json.loads(f.read_text())) for f in args.summarise]
+        print("\n".join(rows[0] + [r for rs in rows[1:] for r in rs[2:]]))
+        return
     args.batch = max(args.batch_sizes)
     paths = {"in-place": False, "staged": True}
     try:
