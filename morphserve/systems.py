@@ -119,7 +119,10 @@ def attach_system(engine, name: str, order: list[int], staged=None, mode_overrid
     if staged is None:
         staged = StagedVariants.build(engine.model, precisions=(Precision.FP16, *mode_config(spec.mode).ladder))
     swapper, resizer = _swapper_and_resizer(engine, staged)
-    controller = MorphController(mode_config(spec.mode, **(mode_overrides or {})), n, list(order))
+    mode = mode_config(spec.mode, **(mode_overrides or {}))
+    if mode.copy_mib_per_step is not None:
+        swapper.copy_budget = mode.copy_mib_per_step << 20
+    controller = MorphController(mode, n, list(order))
     morpher = Morpher(engine, swapper, resizer, controller=controller, release_policy=release_policy)
     engine.morpher = morpher
     return morpher

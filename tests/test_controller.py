@@ -85,6 +85,9 @@ def test_modes_and_validation():
     with pytest.raises(ValueError, match="permutation"):
         MorphController(MODES["default"], 4, [0, 1, 1, 2])
     assert mode_config("default", ladder=["w4"]).ladder == (P.W4,)
+    assert all(m.copy_mib_per_step == 16 for m in MODES.values()) and mode_config("default", copy_mib_per_step=None)
+    with pytest.raises(ValueError, match="copy_mib_per_step must be >= 1 MiB or None .* got 0"):
+        mode_config("default", copy_mib_per_step=0)
 
 
 def test_stale_preemptions_do_not_block_relief_when_idle():

@@ -151,6 +151,7 @@ def test_systems_installed_in_the_engine_loop(wide):
     engine = LLMEngine(EngineConfig(model=str(wide), num_kv_blocks=26, max_num_batched_tokens=64))
     morpher = attach_system(engine, "morphserve-performance", [3, 1, 0, 2],
                             mode_overrides={"persist_steps": 2, "relief_persist_steps": 8})
+    assert morpher.swapper.copy_budget == 16 << 20  # the mode's pacing
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     with ServingEngine(engine) as srv:
         futures = [srv.submit(p, params) for p in PARITY_PROMPTS[:8]]

@@ -45,6 +45,11 @@ class ModeConfig:
     persist_steps: int  # consecutive pressure steps before going down
     relief_persist_steps: int  # consecutive relief steps before going up
     min_dwell_steps: int  # steps between two decisions
+    # staged-swap copy bytes enqueued per decode step, MiB (None: a swap's whole copy at its request).  On an H200 a
+    # host-to-device copy slows the decode GEMVs it overlaps (5-6% of a batch-1 step with a copy through all of
+    # it); 16 MiB per step did not measurably slow a step at batch 1-32 and lands a W4 layer of a 7B (107 MB) in 7
+    # steps, a FP16 one (405 MB) in 25 (BENCHMARKS.md, issue 5)
+    copy_mib_per_step: int | None = 16
 
     def __post_init__(self) -> None:
         if not self.ladder or any(p == Precision.FP16 for p in self.ladder):
@@ -58,6 +63,9 @@ class ModeConfig:
         for f in ("layers_per_decision", "persist_steps", "relief_persist_steps"):
             if getattr(self, f) < 1:
                 raise ValueError(f"mode {self.name!r}: {f} must be >= 1, got {getattr(self, f)}")
+        if self.copy_mib_per_step is not None and self.copy_mib_per_step < 1:
+            raise ValueError(f"mode {self.name!r}: copy_mib_per_step must be >= 1 MiB or None (unpaced), got "
+                             f"{self.copy_mib_per_step}")
         if self.min_dwell_steps < 0 or self.queue_delay_high_s <= 0:
             raise ValueError(f"mode {self.name!r}: min_dwell_steps >= 0 and queue_delay_high_s > 0 required")
 
@@ -69,7 +77,8 @@ class ModeConfig:
 
 # Documented defaults.  ``accuracy`` waits for more pressure and only goes to W8 on at most a quarter of the layers;
 # ``performance`` reacts early (the paper's example thresholds: KV > 85 %, queueing > 100 ms) and deep, straight to
-# W4 on up to three quarters of the layers; ``default`` sits between, stepping layers through W8 then W4.
+# W4 on up to three quarters of the layers; ``default`` sits between, stepping layers through W8 then W4.  Every
+# mode paces staged-swap copies at 16 MiB per step (``copy_mib_per_step``).
 MODES: dict[str, ModeConfig] = {
     "accuracy": ModeConfig("accuracy", (Precision.W8,), 0.25, 1, kv_high=0.95, kv_low=0.60,
                            queue_delay_high_s=0.5, persist_steps=8, relief_persist_steps=64, min_dwell_steps=16),
