@@ -8,7 +8,9 @@ takes one decode batch (synthetic weights, every layer FP16, the inputs of one r
 same inputs and CUDA-event timing of each launch (each one synchronised, as engine steps are):
 
 * ``A``, ``B``: two captures of the same map's whole-step graph (identical kernels and arguments);
-* ``C``: the same map's composite segments (one launch per segment);
+* ``C``: the same map's composite segments (one launch per segment), chained child graphs;
+* ``F``: the same segments flat (the layer graphs' kernels copied in, programmatic edges across layers);
+* ``G``: one flat composite of every layer;
 * sequences that switch between them (``A`` x n, ``B`` x n, ...; alternating; the same with ``cudaGraphUpload``
   of the next graph before the switch), ``A`` after an idle gap, and
   ``A`` right after a device-to-device copy the size of a W8 layer on a side stream (what a landing enqueues).
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_fastpath import inject_decoding  # noqa: E402
 from morphserve.engine.config import EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
-from morphserve.engine.graph_composite import check, cudart  # noqa: E402
+from morphserve.engine.graph_composite import CompositeGraph, check, cudart  # noqa: E402
 from morphserve.provenance import provenance  # noqa: E402
 
 
@@ -64,7 +66,11 @@ def main() -> int:
     bb = graphs.capture(b)
     for i in range(engine.model.cfg.num_layers):
         graphs.capture_layer(i, key[i], b)
-    comps = graphs.prepare(key, b)
+    graphs.flat_composites = False
+    comps = graphs.prepare(key, b)  # C: chained child graphs
+    children = [graphs.layer_graphs[(i, key[i], b)].graph.raw_cuda_graph() for i in range(len(key))]
+    flat_segments = [CompositeGraph(children[lo:hi], flat=True) for lo, hi in graphs.segments()]  # F
+    flat_whole = [CompositeGraph(children, flat=True)]  # G: one flat composite of every layer
     side = torch.cuda.Stream()
     w8 = engine.model.arena.slot_bytes // 2
     engine.warmed_up()  # freeze the warm heap, as a serving engine does
@@ -79,7 +85,7 @@ def main() -> int:
         elif which == "B":
             bb.graph.replay()
         else:
-            for c in comps:
+            for c in {"C": comps, "F": flat_segments, "G": flat_whole}[which]:
                 c.launch()
         e.record()
         e.synchronize()
@@ -106,11 +112,22 @@ def main() -> int:
 
     n = args.n
     for _ in range(3):
-        launch("A"), launch("B"), launch("C")
+        for w in "ABCFG":
+            launch(w)
+    last = graphs.layer_graphs[(len(key) - 1, key[-1], b)].logits
+    a.graph.replay()
+    want = a.logits.clone()
+    for w in "CFG":  # every composite computes the whole-step graph's logits bit for bit
+        launch(w)
+        if not torch.equal(last, want):
+            raise RuntimeError(f"composite {w} does not reproduce the whole-step graph's logits")
     runs = {
         "A_then_B_then_A": sequence(["A"] * n + ["B"] * n + ["A"] * n),
         "alternating": sequence(["A", "B"] * n),
         "A_then_C_then_A": sequence(["A"] * n + ["C"] * n + ["A"] * n),
+        "A_then_F_then_A": sequence(["A"] * n + ["F"] * n + ["A"] * n),
+        "A_then_G_then_A": sequence(["A"] * n + ["G"] * n + ["A"] * n),
+        "C_F_G_A_alternating": sequence(["C", "F", "G", "A"] * n),
         **({"A_then_uploaded_B_then_A": sequence(["A"] * n + ["B"] * n + ["A"] * n,
                                                  before={n: "upload", 2 * n: "upload"})}
            if hasattr(a.graph, "raw_cuda_graph_exec") else {}),  # (torch >= 2.8)

@@ -192,7 +192,49 @@ def test_composite_retargeted_in_place_equals_its_map(wide):
         steps = g.num_composite_steps  # a decode step at this map replays the composites
         torch.testing.assert_close(g.run(hb), got, rtol=0, atol=0)
         assert g.num_composite_steps == steps + 1
-    assert g.num_composite_update_failures == 0
+    assert g.num_composite_update_failures == 0 and g.num_unflattened == 0 and all(c.flat for c in prev)
+
+
+def test_flat_composite_has_the_whole_step_graphs_structure(wide):
+    """A flat composite of every layer's graph has the node types and edges of a captured whole step, programmatic
+    (PDL) edges across the layer boundaries included, and gives its logits bit for bit; the child-graph chain has
+    one node per layer instead."""
+    import ctypes
+
+    from morphserve.engine.graph_composite import CompositeGraph, chain, cudart, flat_chain, structure
+
+    engine, _, _ = _engine(wide, 64, graphs=True)
+    engine.add_request(PARITY_PROMPTS[0], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    g = engine.runner.graphs
+    hb = _decode_chunks(engine)
+    b = g.bucket_for(hb.num_seqs)
+    key = g.precision_key()
+    children = [g.capture_layer(i, key[i], b).graph.raw_cuda_graph() for i in range(len(key))]
+    g._pad_inputs(b)
+    batch = g.static_batch(b)
+    whole, _ = g._capture_fn(lambda: engine.model.forward(batch, g.pool, g.kernels), keep_graph=True)
+    flat, chained = flat_chain(children), chain(children)
+    try:
+        got, want = structure(flat), structure(whole.raw_cuda_graph())
+        assert structure(chained)[0] == ("graph",) * len(key)
+    finally:
+        cudart().cudaGraphDestroy(ctypes.c_void_p(flat))
+        cudart().cudaGraphDestroy(ctypes.c_void_p(chained))
+    assert got == want
+    edges = got[1]
+    assert sum(e[-1] == 1 for e in edges) >= len(key) - 1  # programmatic edges, the layer boundaries' among them
+    ref = g.run_layerwise(hb).clone()
+    for flat_graph in (True, False):
+        c = CompositeGraph(children, flat=flat_graph)
+        try:
+            g._upload(hb, b)
+            c.launch()
+            out = g.layer_graphs[(len(key) - 1, key[-1], b)].logits[:hb.num_seqs]
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        finally:
+            c.close()
 
 
 def test_growing_swap_copies_tail_then_head(wide):

@@ -57,6 +57,9 @@ can succeed (at batch 8-32 an FP16 layer has more kernels than a W8/W4 one, and 
 The morpher builds it right after launching a step, so the host work overlaps the GPU's
 (:func:`~morphserve.engine.morpher.land_staged`).  A step launches the map's segments one after another, with a
 small gap on the GPU at each of the few boundaries (10-17 us was measured between per-layer graphs on an H200).
+A composite is *flat* where it can be (:func:`~morphserve.engine.graph_composite.flat_chain`): the layer graphs'
+kernel nodes are copied into it and joined across layers by the programmatic-launch edges a captured whole step has
+there, instead of being chained as child-graph nodes with plain edges.
 A map with composites replays them until the map changes (a whole-step capture would stall a step for 30-90 ms);
 :attr:`DecodeGraphs.max_maps` maps' worth of segments are kept per bucket, least recently used evicted first.
 
@@ -74,7 +77,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from morphserve.engine.graph_composite import CompositeGraph, structure
+from morphserve.engine.graph_composite import CompositeGraph, NotFlattenable, structure
 from morphserve.memory.kv_pool import KVPool
 from morphserve.model.kernel_set import KernelSet
 from morphserve.model.llama import ForwardBatch, LlamaModel
@@ -116,10 +119,11 @@ def graph_buckets(max_num_seqs: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS)
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, pool: KVPool, kernels: KernelSet, max_num_seqs: int,
                  max_blocks_per_seq: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, max_maps: int = 4,
-                 full_capture_after: int = 0, segment_layers: int = 8):
+                 full_capture_after: int = 0, segment_layers: int = 8, flat_composites: bool = True):
         """``full_capture_after``: decode steps a precision map must be steady before its whole-step graph is
         captured (0: at once; a morphing system raises it, see the module docstring).  ``segment_layers``: layers
-        per composite segment (see the module docstring)."""
+        per composite segment; ``flat_composites``: build composites from the layer graphs' kernels (see the module
+        docstring)."""
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, got device {model.device}")
         if kernels.name != "triton":
@@ -161,6 +165,8 @@ class DecodeGraphs:
         self.num_composite_updates = 0
         self.num_composite_steps = 0
         self.num_composite_update_failures = 0  # updates tried between equal structures that CUDA refused
+        self.flat_composites = flat_composites
+        self.num_unflattened = 0  # composites built from child-graph nodes because a child could not be flattened
         self.set_segment_layers(segment_layers)
         self._structure_ids: dict[tuple, int] = {}  # interned layer-graph structures
         self.last_bucket: int | None = None  # the bucket of the last decode step replayed
@@ -391,12 +397,22 @@ class DecodeGraphs:
                         c.close()
                         c = None
                 if c is None:
-                    c = CompositeGraph(children, signature)
+                    c = self._new_composite(children, signature)
                     self.num_composite_builds += 1
                 per_b[sk] = c
             per_b.move_to_end(sk)
             out.append(c)
         return out
+
+    def _new_composite(self, children: list[int], signature: tuple) -> CompositeGraph:
+        """A new composite of ``children``: flat (their kernels copied in, programmatic edges across layers) when
+        :attr:`flat_composites` is on and the children allow it, else chained child graphs."""
+        if self.flat_composites:
+            try:
+                return CompositeGraph(children, signature, flat=True)
+            except NotFlattenable:
+                self.num_unflattened += 1
+        return CompositeGraph(children, signature)
 
     def set_segment_layers(self, k: int) -> None:
         """Layers per composite segment from now on (the composites built for another size are dropped)."""

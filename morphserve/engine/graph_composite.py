@@ -22,22 +22,32 @@ from pathlib import Path
 
 import torch
 
-_RT: ctypes.CDLL | None = None
+_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+def _loaded(name: str) -> ctypes.CDLL:
+    """A shared library this process (PyTorch) has loaded, by the start of its file name."""
+    lib = _LIBS.get(name)
+    if lib is None:
+        torch.cuda.init()
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            path = line.split()[-1]
+            if Path(path).name.startswith(name + ".so"):
+                lib = _LIBS[name] = ctypes.CDLL(path)
+                break
+        else:
+            raise RuntimeError(f"{name} is not loaded in this process")
+    return lib
 
 
 def cudart() -> ctypes.CDLL:
     """The CUDA runtime library this process (PyTorch) has loaded."""
-    global _RT
-    if _RT is None:
-        torch.cuda.init()
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            path = line.split()[-1]
-            if "libcudart.so" in path:
-                _RT = ctypes.CDLL(path)
-                break
-        else:
-            raise RuntimeError("libcudart is not loaded in this process")
-    return _RT
+    return _loaded("libcudart")
+
+
+def cudriver() -> ctypes.CDLL:
+    """The CUDA driver library this process has loaded."""
+    return _loaded("libcuda")
 
 
 def check(rc: int, what: str) -> None:
@@ -59,32 +69,115 @@ NODE_TYPES = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "graph", 5: "
               12: "conditional"}
 
 
-def structure(graph: int) -> tuple[tuple[str, ...], tuple[tuple, ...]]:
-    """The node structure of a ``cudaGraph_t``: its node types (in the order the runtime lists them: creation
-    order for a captured graph) and its edges as (from index, to index, from port, to port, type), sorted; a
-    programmatic (PDL) edge has type 1.  ``cudaGraphExecUpdate`` re-targets an executable graph only to a graph of
-    the same topology and node types, so two graphs with different structures never update into each other (equal
-    structures are necessary, not sufficient: an update may still refuse, e.g. a changed kernel attribute)."""
+class KernelNodeParams(ctypes.Structure):  # CUDA_KERNEL_NODE_PARAMS_v2 (driver API)
+    _fields_ = [("func", ctypes.c_void_p), ("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint),
+                ("gridDimZ", ctypes.c_uint), ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint),
+                ("blockDimZ", ctypes.c_uint), ("sharedMemBytes", ctypes.c_uint), ("kernelParams", ctypes.c_void_p),
+                ("extra", ctypes.c_void_p), ("kern", ctypes.c_void_p), ("ctx", ctypes.c_void_p)]
+
+
+PROGRAMMATIC = 1  # cudaGraphDependencyTypeProgrammatic
+
+
+def _nodes(graph: int) -> list[int]:
     rt = cudart()
     n = ctypes.c_size_t(0)
     g = ctypes.c_void_p(graph)
     check(rt.cudaGraphGetNodes(g, None, ctypes.byref(n)), "cudaGraphGetNodes")
     nodes = (ctypes.c_void_p * n.value)()
     check(rt.cudaGraphGetNodes(g, nodes, ctypes.byref(n)), "cudaGraphGetNodes")
-    index = {nd: k for k, nd in enumerate(nodes)}
-    types = []
-    for node in nodes:
-        t = ctypes.c_int(-1)
-        check(rt.cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(t)), "cudaGraphNodeGetType")
-        types.append(NODE_TYPES.get(t.value, str(t.value)))
+    return [nd for nd in nodes]
+
+
+def _node_type(node: int) -> str:
+    t = ctypes.c_int(-1)
+    check(cudart().cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(t)), "cudaGraphNodeGetType")
+    return NODE_TYPES.get(t.value, str(t.value))
+
+
+def _edges(graph: int) -> list[tuple[int, int, EdgeData]]:
+    """The edges of ``graph`` as (from node, to node, edge data)."""
+    rt = cudart()
+    g = ctypes.c_void_p(graph)
     # CUDA 12.3-12.9 name the edge-data variant _v2; CUDA 13 made it the plain name
     get_edges = getattr(rt, "cudaGraphGetEdges_v2", None) or rt.cudaGraphGetEdges
     m = ctypes.c_size_t(0)
     check(get_edges(g, None, None, None, ctypes.byref(m)), "cudaGraphGetEdges")
     frm, to, data = (ctypes.c_void_p * m.value)(), (ctypes.c_void_p * m.value)(), (EdgeData * m.value)()
     check(get_edges(g, frm, to, data, ctypes.byref(m)), "cudaGraphGetEdges")
-    edges = [(index[frm[k]], index[to[k]], data[k].from_port, data[k].to_port, data[k].type) for k in range(m.value)]
-    return tuple(types), tuple(sorted(edges))
+    return [(frm[k], to[k], data[k]) for k in range(m.value)]
+
+
+def structure(graph: int) -> tuple[tuple[str, ...], tuple[tuple, ...]]:
+    """The node structure of a ``cudaGraph_t``: its node types (in the order the runtime lists them: creation
+    order for a captured graph) and its edges as (from index, to index, from port, to port, type), sorted; a
+    programmatic (PDL) edge has type 1.  ``cudaGraphExecUpdate`` re-targets an executable graph only to a graph of
+    the same topology and node types, so two graphs with different structures never update into each other (equal
+    structures are necessary, not sufficient: an update may still refuse, e.g. a changed kernel attribute)."""
+    nodes = _nodes(graph)
+    index = {nd: k for k, nd in enumerate(nodes)}
+    types = tuple(_node_type(nd) for nd in nodes)
+    edges = [(index[f], index[t], d.from_port, d.to_port, d.type) for f, t, d in _edges(graph)]
+    return types, tuple(sorted(edges))
+
+
+class NotFlattenable(Exception):
+    """A child graph holds a node :func:`flat_chain` does not copy (only kernel nodes are copied)."""
+
+
+def flat_chain(children: list[int]) -> int:
+    """A new ``cudaGraph_t`` running ``children`` one after another with their kernel nodes copied in (no child-graph
+    nodes): each child's edges are kept with their data, and each child's last kernel leads to the next child's
+    first one through the same kind of edge the whole-step graph has there.  That is a programmatic-launch (PDL)
+    edge when the next kernel's function is one that a programmatic edge leads to inside some child (it was
+    launched with programmatic stream serialization and waits for its predecessor in-kernel: every such kernel of
+    this engine does), else a plain edge.  A chain of child-graph nodes has plain edges at every boundary, where a
+    captured whole step overlaps the next kernel's launch with the previous one's tail.  Raises
+    :class:`NotFlattenable` for a child with other node types or more than one first or last node."""
+    rt, drv = cudart(), cudriver()
+    vp = ctypes.c_void_p
+    add_deps = getattr(rt, "cudaGraphAddDependencies_v2", None) or rt.cudaGraphAddDependencies
+    g = vp()
+    check(rt.cudaGraphCreate(ctypes.byref(g), ctypes.c_uint(0)), "cudaGraphCreate")
+
+    def edge(a: int, b: int, data: EdgeData | None) -> None:
+        d = data if data is not None else EdgeData()
+        check(add_deps(g, (vp * 1)(a), (vp * 1)(b), ctypes.byref(d), ctypes.c_size_t(1)), "cudaGraphAddDependencies")
+
+    try:
+        pdl_into: dict[int, EdgeData] = {}  # kernel function -> data of a programmatic edge leading to it
+        ends = []  # per child: (first node, its function), last node
+        for child in children:
+            nodes = _nodes(child)
+            copies, funcs = {}, {}
+            for nd in nodes:
+                kind = _node_type(nd)
+                if kind != "kernel":
+                    raise NotFlattenable(f"a child graph holds a {kind} node")
+                p = KernelNodeParams()
+                check(drv.cuGraphKernelNodeGetParams_v2(vp(nd), ctypes.byref(p)), "cuGraphKernelNodeGetParams")
+                out = vp()
+                check(drv.cuGraphAddKernelNode_v2(ctypes.byref(out), g, None, ctypes.c_size_t(0), ctypes.byref(p)),
+                      "cuGraphAddKernelNode")
+                check(drv.cuGraphKernelNodeCopyAttributes(out, vp(nd)), "cuGraphKernelNodeCopyAttributes")
+                copies[nd], funcs[nd] = out.value, p.func
+            edges = _edges(child)
+            for f, t, d in edges:
+                edge(copies[f], copies[t], d)
+                if d.type == PROGRAMMATIC:
+                    pdl_into.setdefault(funcs[t], d)
+            has_in, has_out = {t for _, t, _ in edges}, {f for f, _, _ in edges}
+            first = [nd for nd in nodes if nd not in has_in]
+            last = [nd for nd in nodes if nd not in has_out]
+            if len(first) != 1 or len(last) != 1:
+                raise NotFlattenable(f"a child graph has {len(first)} first and {len(last)} last nodes")
+            ends.append(((copies[first[0]], funcs[first[0]]), copies[last[0]]))
+        for (_, last), ((first, func), _) in zip(ends, ends[1:]):
+            edge(last, first, pdl_into.get(func))
+    except Exception:
+        rt.cudaGraphDestroy(g)
+        raise
+    return g.value
 
 
 def chain(children: list[int], waits: list[int] | None = None, records: list[int] | None = None) -> int:
@@ -119,13 +212,15 @@ def chain(children: list[int], waits: list[int] | None = None, records: list[int
 class CompositeGraph:
     """An executable graph of chained child graphs, re-targetable to other children of the same structure."""
 
-    def __init__(self, children: list[int], signature: object = None):
+    def __init__(self, children: list[int], signature: object = None, flat: bool = False):
         """``signature``: the children's structures (see :func:`structure`), kept for the caller to pick a
-        composite to re-target."""
+        composite to re-target.  ``flat``: copy the children's kernels in (:func:`flat_chain`) instead of adding
+        them as child-graph nodes (:func:`chain`); raises :class:`NotFlattenable` where that cannot be done."""
         rt = cudart()
         self.signature = signature
+        self.flat = flat
         self.exec = ctypes.c_void_p()
-        g = chain(children)
+        g = flat_chain(children) if flat else chain(children)
         try:
             check(rt.cudaGraphInstantiate(ctypes.byref(self.exec), ctypes.c_void_p(g), ctypes.c_ulonglong(0)),
                   "cudaGraphInstantiate")
@@ -136,10 +231,13 @@ class CompositeGraph:
 
     def update(self, children: list[int], signature: object = None) -> bool:
         """Re-target the executable graph to ``children`` in place (``cudaGraphExecUpdate``; launches already
-        enqueued are not affected).  False when the structure differs: the graph is then unusable and must be
-        closed (CUDA leaves a failed update's graph undefined)."""
+        enqueued are not affected).  False when the structure differs (or a flat graph's new children cannot be
+        flattened): the graph is then unusable and must be closed (CUDA leaves a failed update's graph undefined)."""
         rt = cudart()
-        g = chain(children)
+        try:
+            g = flat_chain(children) if self.flat else chain(children)
+        except NotFlattenable:
+            return False
         info = UpdateResultInfo()
         try:
             rc = rt.cudaGraphExecUpdate(self.exec, ctypes.c_void_p(g), ctypes.byref(info))
