@@ -504,9 +504,7 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {_label(d)} | {tr} | {'/'.join(str(x['steps']) for x in xs)} | {w['max_ms']:.2f} | "
                              f"{statistics.fmean(x['mean_ms'] for x in xs):.2f} | {w['max_vs_graph']:.3f}x | "
                              f"{max(x['max_vs_maps'] for x in xs):.3f}x | "
-                             f"{statistics.median(x['control_worst_vs_maps'][-1] for x in xs):.3f}x | "
-                        f"{sum(v <= limit for v in vs_control)} of {len(xs)}, {max(vs_control):.3f}x | "
-                        f"{max(median_step):.3f}x |")
+                             f"{statistics.median(x['control_worst_vs_maps'][-1] for x in xs):.3f}x |")
         s = m["segment"]
         lines += ["", f"Segment of layer {s['layer']}: {s['blocks_attached']} blocks; attach {s['attach_ms']:.3f} ms, "
                       f"detach {s['detach_ms']:.3f} ms (host time); migration {s['migration_ms_per_block']:.3f} ms "
