@@ -2,17 +2,22 @@
 
 A decode step replayed as one graph per layer pays a gap on the GPU at every graph boundary (10-17 us on an H200 at
 batch 8-32, ``benchmarks/probe_swap_step.py``).  Chaining the same per-layer graphs as child nodes of one graph
-(``cudaGraphAddChildGraphNode``) runs at the whole-step graph's speed and needs no Python capture: building one
+(``cudaGraphAddChildGraphNode``) removes those gaps and needs no Python capture: building one
 costs ``cudaGraphInstantiate`` (1-5 ms), and re-targeting an existing one to another precision map with
 ``cudaGraphExecUpdate`` costs about 0.1 ms when the per-layer graphs have the same node structure at both
 precisions (``benchmarks/probe_graph_update.py``: true at batch 1 once every kernel uses the same PDL launch
 attribute; at batch 8 and 32 an FP16 layer has one or two kernels more than a W8/W4 one, so those maps are
 instantiated).
 
-PyTorch has no API for child-graph nodes, so this module calls the CUDA runtime that PyTorch loaded, through
-``ctypes``.  The per-layer graphs must be captured with ``keep_graph=True`` (their ``cudaGraph_t`` is the child); a
-composite copies its children's nodes, so it stays valid while the per-layer graphs' memory (their captured
-buffers) is alive.
+A *flat* composite (:func:`flat_chain`) copies the per-layer graphs' kernel nodes in instead of adding them as
+child-graph nodes, and joins consecutive layers with the programmatic-launch edges a captured whole step has there;
+it then has the whole-step graph's node structure and speed (a chain of child graphs has plain edges at its layer
+boundaries: 0-1% slower at batch 1 on an H100, BENCHMARKS.md, issue 5, eighth campaign).
+
+PyTorch has no API for child-graph nodes or for copying kernel nodes, so this module calls the CUDA runtime and
+driver that PyTorch loaded, through ``ctypes``.  The per-layer graphs must be captured with ``keep_graph=True``
+(their ``cudaGraph_t`` is the child); a composite copies its children's nodes, so it stays valid while the
+per-layer graphs' memory (their captured buffers) is alive.
 """
 
 from __future__ import annotations
