@@ -100,12 +100,25 @@ def _node_type(node: int) -> str:
     return NODE_TYPES.get(t.value, str(t.value))
 
 
+def _edge_data_api(name: str):
+    """The runtime's edge-data variant of graph function ``name``: ``name_v2`` in CUDA 12.3-12.9, the plain name
+    from CUDA 13 on (before 12.3 the plain name has no edge-data parameter, and calling it with one would pass
+    the wrong arguments: refused)."""
+    rt = cudart()
+    fn = getattr(rt, name + "_v2", None)
+    if fn is not None:
+        return fn
+    version = ctypes.c_int(0)
+    check(rt.cudaRuntimeGetVersion(ctypes.byref(version)), "cudaRuntimeGetVersion")
+    if version.value < 13000:
+        raise RuntimeError(f"CUDA runtime {version.value} has no {name} with edge data (needs CUDA 12.3 or newer)")
+    return getattr(rt, name)
+
+
 def _edges(graph: int) -> list[tuple[int, int, EdgeData]]:
     """The edges of ``graph`` as (from node, to node, edge data)."""
-    rt = cudart()
     g = ctypes.c_void_p(graph)
-    # CUDA 12.3-12.9 name the edge-data variant _v2; CUDA 13 made it the plain name
-    get_edges = getattr(rt, "cudaGraphGetEdges_v2", None) or rt.cudaGraphGetEdges
+    get_edges = _edge_data_api("cudaGraphGetEdges")
     m = ctypes.c_size_t(0)
     check(get_edges(g, None, None, None, ctypes.byref(m)), "cudaGraphGetEdges")
     frm, to, data = (ctypes.c_void_p * m.value)(), (ctypes.c_void_p * m.value)(), (EdgeData * m.value)()
@@ -141,7 +154,7 @@ def flat_chain(children: list[int]) -> int:
     :class:`NotFlattenable` for a child with other node types or more than one first or last node."""
     rt, drv = cudart(), cudriver()
     vp = ctypes.c_void_p
-    add_deps = getattr(rt, "cudaGraphAddDependencies_v2", None) or rt.cudaGraphAddDependencies
+    add_deps = _edge_data_api("cudaGraphAddDependencies")
     g = vp()
     check(rt.cudaGraphCreate(ctypes.byref(g), ctypes.c_uint(0)), "cudaGraphCreate")
 
