@@ -13,7 +13,9 @@ same inputs and CUDA-event timing of each launch (each one synchronised, as engi
 * ``G``: one flat composite of every layer;
 * sequences that switch between them (``A`` x n, ``B`` x n, ...; alternating; the same with ``cudaGraphUpload``
   of the next graph before the switch), ``A`` after an idle gap, and
-  ``A`` right after a device-to-device copy the size of a W8 layer on a side stream (what a landing enqueues).
+  ``A`` right after a device-to-device copy the size of a W8 layer on a side stream (what a landing enqueues), and
+  the same copy followed by a read-only sweep over twice the L2 (a test of whether the copy's dirty L2 lines slow
+  the next step).
 
 Reports the device time of every launch in each sequence.  Writes JSON with provenance.
 
@@ -76,6 +78,9 @@ def main() -> int:
     engine.warmed_up()  # freeze the warm heap, as a serving engine does
     src = torch.empty(w8, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
+    # twice the L2 in float32, only read: a pass that replaces the copy's dirty L2 lines with clean ones
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    sweep = torch.zeros(max(1, 2 * l2 // 4), dtype=torch.float32, device="cuda")
 
     def launch(which: str) -> float:
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -103,9 +108,11 @@ def main() -> int:
                 check(cudart().cudaGraphUpload(ctypes.c_void_p(exe), ctypes.c_void_p(side.cuda_stream)),
                       "cudaGraphUpload")
                 side.synchronize()
-            elif what == "copy":
+            elif what in ("copy", "copy+sweep"):
                 with torch.cuda.stream(side):
                     dst.copy_(src, non_blocking=True)
+                    if what == "copy+sweep":
+                        sweep.amax()
                 torch.cuda.current_stream().wait_stream(side)
             out.append({"graph": w, "before": what, "ms": launch(w)})
         return out
@@ -133,6 +140,8 @@ def main() -> int:
            if hasattr(a.graph, "raw_cuda_graph_exec") else {}),  # (torch >= 2.8)
         "A_idle_A": sequence(["A"] * 2 * n, before={n: "idle"}),
         "A_copy_A": sequence(["A"] * 2 * n, before={n: "copy"}),
+        # is the first step after a copy slower because the copy left dirty L2 lines to write back?
+        "A_copy_sweep_A": sequence(["A"] * 2 * n, before={n: "copy+sweep"}),
     }
     res = {"provenance": provenance({k: str(v) for k, v in vars(args).items()}, torch.device("cuda"), 0, True),
            "model": args.model, "batch": args.batch, "context": args.context, "copy_bytes": w8, "runs": runs}
