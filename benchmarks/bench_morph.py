@@ -444,11 +444,11 @@ def single_swap_rows(res: dict, limit: float = 1.05) -> list[str]:
     for m in res["models"]:
         for d in m["decode_during_swaps"]:
             xs = d["single_swaps"]
+            maps = [max(x["src_map_graph_ms"], x["dst_map_graph_ms"]) for x in xs]
             worst = [x["max_vs_maps"] for x in xs]
-            mean = [x["mean_ms"] / max(x["src_map_graph_ms"], x["dst_map_graph_ms"]) for x in xs]
+            mean = [x["mean_ms"] / ms for x, ms in zip(xs, maps)]
             vs_control = [x["max_vs_maps"] / x["control_worst_vs_maps"][-1] for x in xs]
-            median_step = [statistics.median(x["step_ms"]) / max(x["src_map_graph_ms"], x["dst_map_graph_ms"])
-                           for x in xs]
+            median_step = [statistics.median(x["step_ms"]) / ms for x, ms in zip(xs, maps)]
             copies = f"{d['copy_budget_mib']} MiB/step" if d.get("copy_budget_mib") else "unpaced"
             rows.append(f"| {m['model']} | {d['batch']} | {copies} | {min(worst):.3f}-{max(worst):.3f}x | "
                         f"{statistics.median(worst):.3f}x | {sum(w <= limit for w in worst)} of {len(worst)} | "

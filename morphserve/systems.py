@@ -71,9 +71,9 @@ def static_map(spec: SystemSpec, num_layers: int, order: list[int]) -> list[Prec
     return [Precision.W4 if i in chosen else Precision.FP16 for i in range(num_layers)]
 
 
-def _swapper_and_resizer(engine, staged) -> tuple[LayerSwapper, KVResizer]:
+def _swapper_and_resizer(engine, staged, copy_budget: int | None = None) -> tuple[LayerSwapper, KVResizer]:
     scratch = ScratchBlocks(engine.pool, engine.block_manager) if engine.device.type == "cuda" else None
-    swapper = LayerSwapper(engine.model.arena, staged, engine.device, scratch=scratch)
+    swapper = LayerSwapper(engine.model.arena, staged, engine.device, scratch=scratch, copy_budget=copy_budget)
     resizer = KVResizer(engine.pool, engine.block_manager, engine.model.arena,
                         lambda: [r.block_table for r in engine.scheduler.running])
     return swapper, resizer
@@ -116,12 +116,11 @@ def attach_system(engine, name: str, order: list[int], staged=None, mode_overrid
     import morphserve.quant  # noqa: F401  (registers the W8/W4 layouts and kernels)
     from morphserve.quant.staging import StagedVariants
 
-    if staged is None:
-        staged = StagedVariants.build(engine.model, precisions=(Precision.FP16, *mode_config(spec.mode).ladder))
-    swapper, resizer = _swapper_and_resizer(engine, staged)
     mode = mode_config(spec.mode, **(mode_overrides or {}))
-    if mode.copy_mib_per_step is not None:
-        swapper.copy_budget = mode.copy_mib_per_step << 20
+    if staged is None:
+        staged = StagedVariants.build(engine.model, precisions=(Precision.FP16, *mode.ladder))
+    budget = None if mode.copy_mib_per_step is None else mode.copy_mib_per_step << 20
+    swapper, resizer = _swapper_and_resizer(engine, staged, budget)
     controller = MorphController(mode, n, list(order))
     morpher = Morpher(engine, swapper, resizer, controller=controller, release_policy=release_policy)
     engine.morpher = morpher

@@ -91,7 +91,7 @@ def _nodes(graph: int) -> list[int]:
     check(rt.cudaGraphGetNodes(g, None, ctypes.byref(n)), "cudaGraphGetNodes")
     nodes = (ctypes.c_void_p * n.value)()
     check(rt.cudaGraphGetNodes(g, nodes, ctypes.byref(n)), "cudaGraphGetNodes")
-    return [nd for nd in nodes]
+    return list(nodes)
 
 
 def _node_type(node: int) -> str:
