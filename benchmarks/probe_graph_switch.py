@@ -108,10 +108,11 @@ def main() -> int:
                 check(cudart().cudaGraphUpload(ctypes.c_void_p(exe), ctypes.c_void_p(side.cuda_stream)),
                       "cudaGraphUpload")
                 side.synchronize()
-            elif what in ("copy", "copy+sweep"):
+            elif what in ("copy", "copy+sweep", "sweep"):
                 with torch.cuda.stream(side):
-                    dst.copy_(src, non_blocking=True)
-                    if what == "copy+sweep":
+                    if what != "sweep":
+                        dst.copy_(src, non_blocking=True)
+                    if what != "copy":
                         sweep.amax()
                 torch.cuda.current_stream().wait_stream(side)
             out.append({"graph": w, "before": what, "ms": launch(w)})
@@ -142,6 +143,7 @@ def main() -> int:
         "A_copy_A": sequence(["A"] * 2 * n, before={n: "copy"}),
         # is the first step after a copy slower because the copy left dirty L2 lines to write back?
         "A_copy_sweep_A": sequence(["A"] * 2 * n, before={n: "copy+sweep"}),
+        "A_sweep_A": sequence(["A"] * 2 * n, before={n: "sweep"}),  # the sweep alone (control)
     }
     res = {"provenance": provenance({k: str(v) for k, v in vars(args).items()}, torch.device("cuda"), 0, True),
            "model": args.model, "batch": args.batch, "context": args.context, "copy_bytes": w8, "runs": runs}
