@@ -15,7 +15,7 @@ same inputs and CUDA-event timing of each launch (each one synchronised, as engi
   of the next graph before the switch), ``A`` after an idle gap, and
   ``A`` right after a device-to-device copy the size of a W8 layer on a side stream (what a landing enqueues), and
   the same copy followed by a read-only sweep over twice the L2 (a test of whether the copy's dirty L2 lines slow
-  the next step).
+  the next step), and the sweep alone (its control).
 
 Reports the device time of every launch in each sequence.  Writes JSON with provenance.
 
