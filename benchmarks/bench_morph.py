@@ -270,6 +270,7 @@ def decode_during_swaps(engine, staged, layers, batch: int, context: int, steps:
                            "step_ms": [1e3 * x for x in during], "device_ms": [1e3 * x for x in dev],
                            "host_prepare_ms": [1e3 * x for x in host.host_prepare],
                            "host_launch_ms": [1e3 * x for x in host.host_launch],
+                           "host_after_launch_ms": [1e3 * x for x in host.host_after_launch],
                            "run_wall_ms": [1e3 * x for x in host.wall]})
     # the same whole-graph steps with a bare host-to-device copy of a layer's size in flight on a side stream (no
     # swap logic at all): separates interference of the copy itself from the cost of the swap machinery
@@ -436,10 +437,11 @@ def single_swap_rows(res: dict, limit: float = 1.05) -> list[str]:
     """The campaign tables' summary of the one-swap-at-a-time steps (BENCHMARKS.md, issue 5): per model and row,
     each swap's worst step against the slower of its two maps (range, median, how many within ``limit``), its mean
     step against the same (median and largest), the no-swap control (worst of as many destination-map steps as
-    the swap took, against the map; median over the swaps), the swap's worst step against that control's worst
-    (like against like: how many within ``limit``, largest), and its median step against the maps (largest)."""
+    the swap took, against the map; median over the swaps, and how many are within ``limit``: the rate at which
+    no-swap steps alone miss the bound), the swap's worst step against that control's worst (like against like:
+    how many within ``limit``, largest), and its median step against the maps (largest)."""
     rows = ["| model | batch | copies | worst vs maps: range | median | within %.2fx | mean vs maps: median, max | "
-            "control | worst vs control's worst: within, max | median step vs maps: max |" % limit,
+            "control: median, within | worst vs control's worst: within, max | median step vs maps: max |" % limit,
             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in res["models"]:
         for d in m["decode_during_swaps"]:
@@ -447,15 +449,41 @@ def single_swap_rows(res: dict, limit: float = 1.05) -> list[str]:
             maps = [max(x["src_map_graph_ms"], x["dst_map_graph_ms"]) for x in xs]
             worst = [x["max_vs_maps"] for x in xs]
             mean = [x["mean_ms"] / ms for x, ms in zip(xs, maps)]
-            vs_control = [x["max_vs_maps"] / x["control_worst_vs_maps"][-1] for x in xs]
+            control = [x["control_worst_vs_maps"][-1] for x in xs]
+            vs_control = [x["max_vs_maps"] / c for x, c in zip(xs, control)]
             median_step = [statistics.median(x["step_ms"]) / ms for x, ms in zip(xs, maps)]
             copies = f"{d['copy_budget_mib']} MiB/step" if d.get("copy_budget_mib") else "unpaced"
             rows.append(f"| {m['model']} | {d['batch']} | {copies} | {min(worst):.3f}-{max(worst):.3f}x | "
                         f"{statistics.median(worst):.3f}x | {sum(w <= limit for w in worst)} of {len(worst)} | "
                         f"{statistics.median(mean):.3f}x, {max(mean):.3f}x | "
-                        f"{statistics.median(x['control_worst_vs_maps'][-1] for x in xs):.3f}x | "
+                        f"{statistics.median(control):.3f}x, {sum(c <= limit for c in control)} of {len(xs)} | "
                         f"{sum(v <= limit for v in vs_control)} of {len(xs)}, {max(vs_control):.3f}x | "
                         f"{max(median_step):.3f}x |")
+    return rows
+
+
+def worst_step_rows(res: dict, limit: float = 1.05) -> list[str]:
+    """Where the worst step of each swap beyond ``limit`` (worst step vs maps) spent its time, against the median
+    of the same swap's steps (ms): the step, the GPU time (CUDA events around the forward), the batch preparation,
+    the launch (enqueue until the end event, and the after-launch callback that issues copies and builds graphs;
+    files from before 2026-12-02 23:00 UTC have only their sum)."""
+    rows = ["| model | batch | transition | layer | worst step / of | step | GPU | prepare | enqueue | after launch |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(xs: list[float], i: int) -> str:
+        return f"{xs[i]:.2f} ({statistics.median(xs):.2f})" if xs else "-"
+
+    for m in res["models"]:
+        for d in m["decode_during_swaps"]:
+            for x in d["single_swaps"]:
+                if x["max_vs_maps"] <= limit:
+                    continue
+                i = x["step_ms"].index(max(x["step_ms"]))
+                after = x.get("host_after_launch_ms", [])
+                enqueue = [a - b for a, b in zip(x["host_launch_ms"], after)] if after else x["host_launch_ms"]
+                rows.append(f"| {m['model']} | {d['batch']} | {x['transition']} | {x['layer']} | {i + 1} / "
+                            f"{x['steps']} | {cell(x['step_ms'], i)} | {cell(x['device_ms'], i)} | "
+                            f"{cell(x['host_prepare_ms'], i)} | {cell(enqueue, i)} | {cell(after, i)} |")
     return rows
 
 
@@ -541,7 +569,11 @@ def main() -> None:
                     help="print the one-swap summary table of earlier results files and exit (no GPU needed)")
     args = ap.parse_args()
     if args.summarise:
-        rows = [single_swap_rows(json.loads(f.read_text())) for f in args.summarise]
+        results = [json.loads(f.read_text()) for f in args.summarise]
+        rows = [single_swap_rows(r) for r in results]
+        print("\n".join(rows[0] + [r for rs in rows[1:] for r in rs[2:]]))
+        rows = [worst_step_rows(r) for r in results]
+        print("\nWorst steps beyond 1.05x (this step, and the swap's median in brackets; ms)\n")
         print("\n".join(rows[0] + [r for rs in rows[1:] for r in rs[2:]]))
         return
     args.batch = max(args.batch_sizes)

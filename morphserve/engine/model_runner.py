@@ -96,7 +96,10 @@ class StepTiming:
     ``host_prepare + host_launch`` in any case."""
 
     host_prepare: list[float] = field(default_factory=list)  # scheduled chunks -> host arrays
-    host_launch: list[float] = field(default_factory=list)  # upload + forward or graph replay enqueued (host)
+    host_launch: list[float] = field(default_factory=list)  # upload + forward or graph replay enqueued (host),
+    # plus the after-launch callback
+    host_after_launch: list[float] = field(default_factory=list)  # the after-launch callback alone (its part of
+    # host_launch: it runs while the GPU works, so it delays the step only when it outlasts the GPU's work)
     device_forward: list[float] = field(default_factory=list)  # GPU time from upload to logits (CUDA events)
     wall: list[float] = field(default_factory=list)  # the whole run(), until the sampled tokens are on the host
     graph: list[bool] = field(default_factory=list)
@@ -213,6 +216,7 @@ class ModelRunner:
         start.record()
         logits = self.forward(hb)
         end.record()
+        t_enqueued = time.perf_counter()
         if self.after_launch is not None:
             self.after_launch()
         t2 = time.perf_counter()
@@ -220,6 +224,7 @@ class ModelRunner:
         t3 = time.perf_counter()
         timing.host_prepare.append(t1 - t0)
         timing.host_launch.append(t2 - t1)
+        timing.host_after_launch.append(t2 - t_enqueued)
         timing.device_forward.append(start.elapsed_time(end) / 1e3)
         timing.wall.append(t3 - t0)
         timing.graph.append(self.last_step_graph)
