@@ -172,7 +172,7 @@ def build_engine(name: str, cfg: ModelConfig, args: argparse.Namespace, device: 
     ec = EngineConfig(model=name, device=str(device), dtype="float16", max_num_seqs=256,
                       max_num_batched_tokens=max(args.prefill), max_model_len=min(cfg.max_position_embeddings,
                                                                                   args.max_model_len),
-                      kv_cache_bytes=args.kv_cache_bytes, seed=0)
+                      kv_cache_bytes=args.kv_cache_bytes, seed=0, async_steps=args.async_steps)
     return LLMEngine(ec, source=SyntheticSource(name, seed=0, config=cfg))
 
 
@@ -224,16 +224,18 @@ def decode_sweep(engine: LLMEngine, batches: list[int], context: int, reps: int,
         engine.runner.timing = timing = StepTiming()
         walls = []
         for _ in range(steps):
-            sync(dev)
+            if not engine.config.async_steps:  # (asynchronous steps: a step's wall is the period between steps)
+                sync(dev)
             t = time.perf_counter()
             engine.step()
             walls.append(time.perf_counter() - t)
             if engine.step_stats[-1].num_seqs != b or engine.step_stats[-1].num_tokens != b:
                 raise RuntimeError(f"decode step at batch {b} ran {engine.step_stats[-1].num_seqs} sequences")
-        engine.runner.timing = None
         for rid in ids:
             engine.abort(rid)
-        walls, gpu = walls[warmup:], timing.device_forward[warmup:]
+        engine.step()  # reads back a step still in flight (asynchronous steps); nothing is left to schedule
+        engine.runner.timing = None
+        walls, gpu = walls[warmup:], timing.device_forward[warmup:steps]
         mid_ctx = ctx + warmup + reps // 2  # context length halfway through the timed steps
         floor_bytes = weight_read_bytes(engine, b) + b * (mid_ctx + 2) * kv_token_bytes(engine)
         floor = floor_bytes / bw
@@ -561,6 +563,7 @@ def run_isolated(args: argparse.Namespace, models: list[str], hf_models: list[st
     if args.tune_gemv:
         raise SystemExit("--tune-gemv tunes over all models in one process: add --no-isolate")
     common += ["--smoke"] if args.smoke else []
+    common += ["--async-steps"] if args.async_steps else []
     parts = [("engine", m) for m in models] + [("hf", m) for m in hf_models]
     res: dict[str, Any] | None = None
     failures = []
@@ -616,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf", default="llama2-7b", help="models to run HF transformers on ('' for none)")
     ap.add_argument("--hf-memory-fraction", type=float, default=0.5)
     ap.add_argument("--tune-gemv", action="store_true")
+    ap.add_argument("--async-steps", action="store_true",
+                    help="the engine launches each step before reading back the previous step's tokens "
+                         "(EngineConfig.async_steps); a decode step's wall is then the period between steps")
     ap.add_argument("--smoke", action="store_true", help="tiny shrunken models: checks the script, not the speed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, required=True)

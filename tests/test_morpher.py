@@ -28,9 +28,9 @@ def wide(tmp_path_factory):
                                 num_hidden_layers=4)
 
 
-def _engine(path, blocks, extension_first=False, staged_swaps=False, copy_budget=None, **kw):
+def _engine(path, blocks, extension_first=False, staged_swaps=False, copy_budget=None, async_steps=False, **kw):
     engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=blocks, max_num_batched_tokens=64,
-                                    device="cpu"))
+                                    device="cpu", async_steps=async_steps))
     if extension_first:
         engine.block_manager.extension_first = True
     staged = StagedVariants.build(engine.model)
@@ -92,20 +92,22 @@ def test_controller_goes_down_under_pressure_and_back_up_when_idle(wide, staged_
     assert set(t) >= {"step", "precisions", "target", "kv_total_blocks", "kv_used_blocks", "queue_len", "reason"}
 
 
-@pytest.mark.parametrize("staged_swaps,paced", [(False, False), (True, False), (True, True)],
-                         ids=["in-place", "staged", "staged-paced"])
-def test_stress_swap_and_resize_every_step(wide, staged_swaps, paced, monkeypatch):
+@pytest.mark.parametrize("staged_swaps,paced,async_steps", [(False, False, False), (True, False, False),
+                                                             (True, True, False), (True, True, True)],
+                         ids=["in-place", "staged", "staged-paced", "staged-paced-async"])
+def test_stress_swap_and_resize_every_step(wide, staged_swaps, paced, async_steps, monkeypatch):
     """Random targets every step; live blocks are kept in extension segments (extension-first allocation), so every
     release migrates live KV.  No request is lost, and the tokens equal a replay of the same per-step precision
     schedule on an engine that never resizes (capacity never binds, so both schedule identically).  Staged: every
     swap's bytes pass through scratch KV blocks of the base pool.  Paced: 64 KiB of them per step (pieces of 16 KiB),
-    so a swap spans several steps."""
+    so a swap spans several steps.  Async: the engine launches each step before reading back the previous one's
+    tokens (the swaps and migrations then happen while a step is in flight)."""
     if paced:
         import morphserve.memory.layer_swapper as ls
 
         monkeypatch.setattr(ls, "COPY_CHUNK_BYTES", 16 << 10)
     engine, swapper, resizer = _engine(wide, 300, extension_first=True, staged_swaps=staged_swaps,
-                                       copy_budget=64 << 10 if paced else None)
+                                       copy_budget=64 << 10 if paced else None, async_steps=async_steps)
     morpher = Morpher(engine, swapper, resizer, static_map=[P.FP16] * 4)
     rng = random.Random(1)
     params = SamplingParams(max_tokens=30, ignore_eos=True)

@@ -32,9 +32,10 @@ def wide(tmp_path_factory):
                                 num_hidden_layers=4)
 
 
-def _engine(path, blocks, graphs: bool, extension_first=False, staged_swaps=False, copy_budget=None):
+def _engine(path, blocks, graphs: bool, extension_first=False, staged_swaps=False, copy_budget=None,
+            async_steps=False):
     engine = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="float16", num_kv_blocks=blocks,
-                                    max_num_batched_tokens=64), cuda_graphs=graphs)
+                                    max_num_batched_tokens=64, async_steps=async_steps), cuda_graphs=graphs)
     engine.block_manager.extension_first = extension_first
     scratch = ScratchBlocks(engine.pool, engine.block_manager) if staged_swaps else None
     swapper = LayerSwapper(engine.model.arena, StagedVariants.build(engine.model), engine.device, scratch=scratch,
@@ -94,21 +95,25 @@ def _serve(engine, morpher, swapper, prompts, params, shake):
     return [outs[i] for i in ids], maps
 
 
-@pytest.mark.parametrize("staged_swaps,paced", [(False, False), (True, False), (True, True)],
-                         ids=["in-place", "staged", "staged-paced"])
-def test_swapping_every_step_with_graphs_equals_eager(wide, staged_swaps, paced, monkeypatch):
+@pytest.mark.parametrize("staged_swaps,paced,async_steps", [(False, False, False), (True, False, False),
+                                                             (True, True, False), (True, True, True),
+                                                             (False, False, True)],
+                         ids=["in-place", "staged", "staged-paced", "staged-paced-async", "in-place-async"])
+def test_swapping_every_step_with_graphs_equals_eager(wide, staged_swaps, paced, async_steps, monkeypatch):
     """Random targets every step, migrations included (extension-first allocation): the graph run gives the tokens
     of an eager engine that lands the same per-step precision schedule synchronously and never resizes.  In place:
     per-layer graphs while swaps are in flight.  Staged: whole-step or composite graphs only (the swaps land between
     steps), composites prepared after each launch and re-targeted in place where the structures match.  Paced: the
-    staged copies go out 32 KiB per step (pieces of 16 KiB), so a swap spans several steps."""
+    staged copies go out 32 KiB per step (pieces of 16 KiB), so a swap spans several steps.  Async: each step is
+    launched before the previous one's tokens are read back (its inputs read them on the device), so swaps, landings
+    and migrations are issued while a step is in flight."""
     n = 4
     if paced:
         import morphserve.memory.layer_swapper as ls
 
         monkeypatch.setattr(ls, "COPY_CHUNK_BYTES", 16 << 10)
     engine, swapper, resizer = _engine(wide, 300, graphs=True, extension_first=True, staged_swaps=staged_swaps,
-                                       copy_budget=32 << 10 if paced else None)
+                                       copy_budget=32 << 10 if paced else None, async_steps=async_steps)
     morpher = Morpher(engine, swapper, resizer, static_map=[P.FP16] * n)
     rng = random.Random(3)
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)

@@ -34,6 +34,10 @@ class EngineConfig:
     # Freeze the warm heap once warm-up is over (LLMEngine.warmed_up; morphserve.engine.heap_freeze), so that no
     # full garbage collection walks it during a step; False leaves the collector alone.
     freeze_heap: bool = True
+    # Asynchronous steps: launch step k+1 before reading back step k's tokens (its inputs read them on the device),
+    # so the host's scheduling and launch overlap the GPU's work (LLMEngine.step).  Finished requests are then
+    # known one step late, and a request that stops on an EOS or stop token computes one token that is discarded.
+    async_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -44,8 +48,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {v}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if not isinstance(self.freeze_heap, bool):
-            raise ValueError(f"freeze_heap must be True or False, got {self.freeze_heap!r}")
+        for name in ("freeze_heap", "async_steps"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def torch_device(self) -> torch.device:
         if self.device is None:

@@ -214,6 +214,10 @@ class DecodeGraphs:
         n = b * (4 + self.width)
         self._upload_kernel(self.inputs[:n], self.pinned[:n])
         self._copied.record()
+        if feed is not None:
+            from morphserve.engine.model_runner import feed_tokens
+
+            feed_tokens(self._regions(b, self.inputs)[0][:s], feed)
 
     def capture(self, b: int) -> _Graph:
         """Capture the decode graph of bucket ``b`` under the current precision map (if not captured yet)."""
@@ -306,7 +310,8 @@ class DecodeGraphs:
         self.num_layer_captures += 1
         return g
 
-    def run_layerwise(self, hb: "HostBatch", hooks: "LayerHooks | None" = None) -> torch.Tensor:
+    def run_layerwise(self, hb: "HostBatch", hooks: "LayerHooks | None" = None,
+                      feed: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[S, vocab]`` of a decode step replayed layer by layer, with ``hooks`` (the layer swapper) run
         between the layer graphs.  ``hooks.step_precision(i)`` names the precision layer ``i`` will run at in this
         step (a swap whose copy is in flight switches the layer in its ``before_layer``)."""
@@ -315,7 +320,7 @@ class DecodeGraphs:
         want = [hooks.step_precision(i) if hooks is not None else self.model.arena.layers[i].precision
                 for i in range(n)]
         graphs = [self.capture_layer(i, want[i], b) for i in range(n)]
-        self._upload(hb, b)
+        self._upload(hb, b, feed)
         for i, g in enumerate(graphs):
             if hooks is not None:
                 hooks.before_layer(i)
@@ -443,8 +448,9 @@ class DecodeGraphs:
             self.capture(b)
 
     # ---- replay ---------------------------------------------------------------------------------------------
-    def _upload(self, hb: "HostBatch", b: int) -> None:
-        """The step's metadata into the static input buffer of bucket ``b`` (one host-to-device copy)."""
+    def _upload(self, hb: "HostBatch", b: int, feed: torch.Tensor | None = None) -> None:
+        """The step's metadata into the static input buffer of bucket ``b`` (one host-to-device copy); then the
+        placeholders among its tokens read ``feed`` on the device (asynchronous steps)."""
         s = hb.num_seqs
         self._copied.synchronize()
         tokens, positions, slots, ctx, tables = self._regions(b, self._pinned_np)
@@ -455,8 +461,13 @@ class DecodeGraphs:
         n = b * (4 + self.width)
         self._upload_kernel(self.inputs[:n], self.pinned[:n])
         self._copied.record()
+        if feed is not None:
+            from morphserve.engine.model_runner import feed_tokens
 
-    def run(self, hb: "HostBatch", hooks: "LayerHooks | None" = None) -> torch.Tensor:
+            feed_tokens(self._regions(b, self.inputs)[0][:s], feed)
+
+    def run(self, hb: "HostBatch", hooks: "LayerHooks | None" = None,
+            feed: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[S, vocab]`` of a decode step, by graph replay: per-layer graphs with ``hooks`` (an in-place
         swap is queued or in flight); else the map's whole-step graph if captured, else its composite if built,
         else per-layer graphs while the map is not yet steady, else a whole-step capture."""
@@ -467,7 +478,7 @@ class DecodeGraphs:
         b = self.last_bucket = self.bucket_for(s)
         if hooks is not None:
             self._steady_key = None
-            return self.run_layerwise(hb, hooks)
+            return self.run_layerwise(hb, hooks, feed)
         key = self.precision_key()
         if key != self._steady_key:
             self._steady_key, self._steady_steps = key, 0
@@ -476,7 +487,7 @@ class DecodeGraphs:
         if per_map is None or b not in per_map:
             comp = self._composite(key, b)
             if comp is not None:
-                self._upload(hb, b)
+                self._upload(hb, b, feed)
                 stream = torch.cuda.current_stream()
                 for c in comp:
                     c.launch(stream)
@@ -484,9 +495,9 @@ class DecodeGraphs:
                 self.num_composite_steps += 1
                 return self.layer_graphs[(len(key) - 1, key[-1], b)].logits[:s]
         if (per_map is None or b not in per_map) and self._steady_steps <= self.full_capture_after:
-            return self.run_layerwise(hb)
+            return self.run_layerwise(hb, feed=feed)
         g = self.capture(b)
-        self._upload(hb, b)
+        self._upload(hb, b, feed)
         g.graph.replay()
         self.num_replays += 1
         return g.logits[:s]

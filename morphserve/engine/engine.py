@@ -96,6 +96,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._steps = 0
         self._heap_frozen = False  # this engine holds a heap_freeze reference
+        self._inflight = None  # asynchronous steps: the launched step whose tokens are not read back yet
 
     # ---- lifetime -------------------------------------------------------------------------------------------
     def warmed_up(self) -> bool:
@@ -175,9 +176,6 @@ class LLMEngine:
         self.scheduler.abort(req)
         return self._finish(req, FinishReason.ABORTED)
 
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
-
     # ---- morphing -------------------------------------------------------------------------------------------
     @property
     def morpher(self):
@@ -204,7 +202,13 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine iteration; returns the requests that finished in it."""
+        """One engine iteration; returns the requests that finished in it (with ``config.async_steps``, the
+        requests whose last token the previous iteration's step sampled: see :meth:`_step_async`)."""
+        if self.config.async_steps and self.kv_policy is None:
+            return self._step_async()
+        finished = self._drain()  # a step still in flight from asynchronous steps (switched off since)
+        if finished:
+            return finished
         if self._morpher is not None:
             self._morpher.before_step()
         sched = self.scheduler.schedule()
@@ -231,24 +235,101 @@ class LLMEngine:
         finished: list[RequestOutput] = []
         for req, tok in zip(sampling, tokens):
             req.token_ids.append(tok)
-            m = req.metrics
-            if m.first_token_time is None:
-                m.first_token_time = now
-            m.token_times.append(now)
-            if self._morpher is not None:
-                self._morpher.monitor.on_token(req)
-            reason = self._stop_reason(req, tok)
-            if reason is not None:
-                self.scheduler.finish(req)
-                finished.append(self._finish(req, reason))
-                if self._morpher is not None:
-                    self._morpher.monitor.on_finish(req)
+            finished += self._accept(req, tok, now)
         self._steps += 1
         self.step_stats.append(StepStats(
             self._steps, start, now - start, sched.num_tokens, len(sched.chunks), len(sched.preempted),
             len(self.scheduler.waiting), len(self.scheduler.running), self.block_manager.num_used,
             self.block_manager.num_total_blocks))
         return finished
+
+    # ---- asynchronous steps -----------------------------------------------------------------------------------
+    def _step_async(self) -> list[RequestOutput]:
+        """One iteration with the next step launched before the previous step's tokens are read back.
+
+        1. Schedule step k.  A request whose token from step k-1 is still in flight ends with a placeholder
+           ``-(1 + r)``; its decode input reads row ``r`` of step k-1's sampled tokens on the device.
+        2. Launch step k (forward and sampling); its tokens stay on the device.
+        3. Read back step k-1's tokens (waiting for that step only; step k keeps the GPU busy meanwhile), put them
+           in place of the placeholders and finish requests as :meth:`step` does.  A request that stopped on an
+           EOS or stop token was also part of step k: its token from step k is discarded and its blocks go back at
+           once (work queued later on the same stream runs after step k).
+        4. The requests step k samples for get placeholders.  One whose placeholder will be its last token (its
+           length limit) is marked so the scheduler leaves it alone; it finishes in the next iteration.
+
+        Greedy tokens are those of synchronous steps at the same batch composition; admission may happen one step
+        later, since the blocks of requests that finish in step k-1 are only known after step k is scheduled."""
+        if self._morpher is not None:
+            self._morpher.before_step()
+        start = self.clock()
+        sched = self.scheduler.schedule()
+        inflight = None
+        if sched.chunks:
+            for c in sched.chunks:
+                if c.request.metrics.first_scheduled_time is None:
+                    c.request.metrics.first_scheduled_time = start
+            feed = self._inflight.tokens if self._inflight is not None else None
+            inflight = self.runner.launch(sched, feed)
+            for c in sched.chunks:
+                c.request.num_computed_tokens += c.num_new_tokens
+        elif self._morpher is not None:
+            self._morpher.after_step()
+        finished = self._drain()
+        if inflight is not None:
+            for row, req in enumerate(inflight.requests):
+                if req.is_finished:
+                    continue
+                req.token_ids.append(-1 - row)
+                req.last_token_final = (req.num_output_tokens >= req.params.max_tokens
+                                        or req.num_tokens >= self.max_model_len)
+            self._inflight = inflight
+            self._steps += 1
+            self.step_stats.append(StepStats(
+                self._steps, start, self.clock() - start, sched.num_tokens, len(sched.chunks), len(sched.preempted),
+                len(self.scheduler.waiting), len(self.scheduler.running), self.block_manager.num_used,
+                self.block_manager.num_total_blocks))
+        elif not finished and self.scheduler.waiting and not self.scheduler.running and not sched.preempted:
+            raise RuntimeError(f"scheduler stalled: {self.scheduler.waiting[0]!r} cannot be admitted into an "
+                               f"idle engine ({self.block_manager.num_free_blocks} free blocks)")
+        return finished
+
+    def _drain(self) -> list[RequestOutput]:
+        """Read back the step in flight (asynchronous steps), if any: its tokens replace their placeholders and
+        finished requests end.  Returns them."""
+        if self._inflight is None:
+            return []
+        inflight, self._inflight = self._inflight, None
+        tokens = inflight.result()
+        now = self.clock()
+        finished: list[RequestOutput] = []
+        for req, tok in zip(inflight.requests, tokens):
+            if req.is_finished:  # aborted, or stopped a step earlier (this token is the discarded extra one)
+                continue
+            req.token_ids[-1] = tok
+            req.last_token_final = False
+            finished += self._accept(req, tok, now)
+        return finished
+
+    def _accept(self, req: Request, tok: int, now: float) -> list[RequestOutput]:
+        """Bookkeeping of a token that is now in ``req.token_ids``: timestamps, monitor, stop check.  Returns the
+        request's output if it finished."""
+        m = req.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.token_times.append(now)
+        if self._morpher is not None:
+            self._morpher.monitor.on_token(req)
+        reason = self._stop_reason(req, tok)
+        if reason is None:
+            return []
+        self.scheduler.finish(req)
+        out = self._finish(req, reason)
+        if self._morpher is not None:
+            self._morpher.monitor.on_finish(req)
+        return [out]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def _stop_reason(self, req: Request, tok: int) -> FinishReason | None:
         p = req.params

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from morphserve.engine.cuda_graphs import DecodeGraphs
-from morphserve.engine.sampler import sample
+from morphserve.engine.sampler import sample, sample_tensor
 from morphserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from morphserve.memory.kv_pool import KVPool
 from morphserve.model.kernel_set import KernelSet
@@ -89,6 +89,41 @@ class HostBatch:
                          block_tables)
 
 
+def feed_tokens(tokens: torch.Tensor, feed: torch.Tensor) -> None:
+    """Replace the placeholders in a step's device input ``tokens`` in place: ``-(1 + r)`` stands for row ``r`` of
+    ``feed``, the tokens the step in flight samples (asynchronous steps; stream order makes them ready).  Device
+    operations only: nothing waits for the device."""
+    hole = tokens < 0
+    rows = (-tokens - 1).clamp_(0, feed.shape[0] - 1)
+    tokens.copy_(torch.where(hole, feed.index_select(0, rows), tokens))
+
+
+class InFlightTokens:
+    """The tokens of a launched step, on the device (``tokens``, one per request in ``requests``), and their copy
+    to the host, made behind the step (a pinned buffer on CUDA).  :meth:`result` waits for that copy only."""
+
+    def __init__(self, tokens: torch.Tensor, requests: list):
+        self.tokens = tokens
+        self.requests = requests
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = tokens, None
+        self.timed = None  # (StepTiming, start event, end event) of a timed step
+
+    def result(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        if self.timed is not None:
+            timing, start, end = self.timed
+            timing.device_forward.append(start.elapsed_time(end) / 1e3)
+            self.timed = None
+        return self._host.tolist()
+
+
 @dataclass
 class StepTiming:
     """Where a step's time goes, in seconds (CUDA only; filled while :attr:`ModelRunner.timing` is set).  The
@@ -102,6 +137,8 @@ class StepTiming:
     # host_launch: it runs while the GPU works, so it delays the step only when it outlasts the GPU's work)
     device_forward: list[float] = field(default_factory=list)  # GPU time from upload to logits (CUDA events)
     wall: list[float] = field(default_factory=list)  # the whole run(), until the sampled tokens are on the host
+    # (asynchronous steps: launch() until its sampling is enqueued; their device_forward entry is added when the
+    # tokens are read back, one step later)
     graph: list[bool] = field(default_factory=list)
 
 
@@ -190,15 +227,53 @@ class ModelRunner:
     def prepare(self, sched: SchedulerOutput) -> ForwardBatch:
         return self.upload(self.host_batch(sched))
 
-    def forward(self, hb: HostBatch) -> torch.Tensor:
-        """Logits of the rows that sample: a CUDA-graph replay for decode steps the graphs serve, else eager."""
+    def forward(self, hb: HostBatch, feed: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the rows that sample: a CUDA-graph replay for decode steps the graphs serve, else eager.
+        ``feed``: the tokens sampled by the step in flight (asynchronous steps), which input placeholders read
+        (:func:`feed_tokens`)."""
+        if not (hb.num_tokens and int(hb.tokens.min()) < 0):
+            feed = None  # no placeholder to fill
+        elif feed is None or feed.shape[0] == 0:
+            raise RuntimeError("a step's input holds a placeholder token but no step in flight feeds it")
         if self.hooks is not None:
             self.hooks.before_forward()
         hooks = self.hooks if self.hooks is not None and self.hooks.active() else None
         self.last_step_graph = self.graphs is not None and self.graphs.serves(hb)
         if self.last_step_graph:
-            return self.graphs.run(hb, hooks)
-        return self.model.forward(self.upload(hb), self.pool, self.kernels, hooks=hooks)
+            return self.graphs.run(hb, hooks, feed)
+        fb = self.upload(hb)
+        if feed is not None:
+            feed_tokens(fb.token_ids, feed)
+        return self.model.forward(fb, self.pool, self.kernels, hooks=hooks)
+
+    def launch(self, sched: SchedulerOutput, feed: torch.Tensor | None = None) -> "InFlightTokens":
+        """Enqueue the step and its sampling without waiting for the device (asynchronous steps): the sampled
+        tokens stay on the device for the next step's inputs and are copied to the host behind the step."""
+        sampling = [c.request for c in sched.chunks if c.samples]
+        timing = self.timing if self.device.type == "cuda" else None
+        t0 = time.perf_counter()
+        hb = self.host_batch(sched)
+        t1 = time.perf_counter()
+        if timing is not None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        logits = self.forward(hb, feed)
+        if timing is not None:
+            end.record()
+        tokens = sample_tensor(logits, [r.params for r in sampling], [r.generator for r in sampling])
+        t_enqueued = time.perf_counter()
+        if self.after_launch is not None:
+            self.after_launch()
+        out = InFlightTokens(tokens, sampling)
+        if timing is not None:  # the device time is added when the tokens are read back (InFlightTokens.result)
+            t2 = time.perf_counter()
+            timing.host_prepare.append(t1 - t0)
+            timing.host_launch.append(t2 - t1)
+            timing.host_after_launch.append(t2 - t_enqueued)
+            timing.wall.append(t2 - t0)
+            timing.graph.append(self.last_step_graph)
+            out.timed = (timing, start, end)
+        return out
 
     def run(self, sched: SchedulerOutput) -> list[int]:
         """Forward the scheduled chunks; returns one sampled token per chunk that samples (in chunk order)."""

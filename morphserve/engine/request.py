@@ -79,6 +79,11 @@ class Request:
         # num_computed_tokens - num_evicted_tokens token slots (0 without compression; reset by preemption).
         self.num_evicted_tokens = 0
         self.block_table: list[int] = []
+        # Asynchronous steps (EngineConfig.async_steps): while the step that samples this request's next token is in
+        # flight, token_ids ends with a placeholder (a negative id, see morphserve.engine.engine.placeholder) that
+        # the next step's input reads on the device; ``last_token_final`` says that token will end the request
+        # (its length limit), so it is not scheduled again.
+        self.last_token_final = False
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
@@ -98,7 +103,14 @@ class Request:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """Generated tokens, without a placeholder for a token still being computed."""
+        end = len(self.token_ids) - (1 if self.has_placeholder else 0)
+        return self.token_ids[self.num_prompt_tokens:end]
+
+    @property
+    def has_placeholder(self) -> bool:
+        """Whether the last token is still being computed by a step in flight (asynchronous steps)."""
+        return len(self.token_ids) > self.num_prompt_tokens and self.token_ids[-1] < 0
 
     @property
     def num_output_tokens(self) -> int:

@@ -12,12 +12,19 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     """``logits``: float32 ``[S, vocab]``; returns one token id per row."""
     if logits.shape[0] == 0:
         return []
+    return sample_tensor(logits, params, generators).tolist()
+
+
+def sample_tensor(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """:func:`sample` without reading the tokens back: int64 ``[S]`` on the logits' device.  Greedy rows never
+    synchronise with the device; a sampled row whose generator lives on another device does."""
     out = logits.argmax(dim=-1)
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
         out[row] = _sample_row(logits[row], p, gen)
-    return out.tolist()
+    return out
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:

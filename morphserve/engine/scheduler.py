@@ -85,7 +85,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            # (asynchronous steps: a request whose in-flight token is its last has nothing left to compute)
+            n = min(req.num_tokens - req.num_computed_tokens - req.last_token_final, budget)
+            if n <= 0:
+                i += 1
+                continue
             need = self._blocks_needed(req, n)
             while not self.bm.can_allocate(need) and self.running[-1] is not req:
                 victim = self.running.pop()
@@ -117,10 +121,14 @@ class Scheduler:
         return out
 
     def finish(self, req: Request) -> None:
-        """Release a finished request's blocks and drop it from the running set."""
+        """Release a finished request's blocks and drop it from the running set (or from the waiting queue: with
+        asynchronous steps a request can be preempted while the step that samples its last token is in flight)."""
         self.bm.free_blocks(req.block_table)
         req.block_table = []
-        self.running.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
 
     def abort(self, req: Request) -> None:
