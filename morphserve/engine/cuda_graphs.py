@@ -214,10 +214,6 @@ class DecodeGraphs:
         n = b * (4 + self.width)
         self._upload_kernel(self.inputs[:n], self.pinned[:n])
         self._copied.record()
-        if feed is not None:
-            from morphserve.engine.model_runner import feed_tokens
-
-            feed_tokens(self._regions(b, self.inputs)[0][:s], feed)
 
     def capture(self, b: int) -> _Graph:
         """Capture the decode graph of bucket ``b`` under the current precision map (if not captured yet)."""
