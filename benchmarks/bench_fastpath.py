@@ -68,6 +68,9 @@ TARGETS = {
 }
 
 
+# --async-steps: EngineConfig.async_steps (None: the engine's default)
+ASYNC_STEPS = {"on": True, "off": False, "default": None}
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
@@ -172,7 +175,7 @@ def build_engine(name: str, cfg: ModelConfig, args: argparse.Namespace, device: 
     ec = EngineConfig(model=name, device=str(device), dtype="float16", max_num_seqs=256,
                       max_num_batched_tokens=max(args.prefill), max_model_len=min(cfg.max_position_embeddings,
                                                                                   args.max_model_len),
-                      kv_cache_bytes=args.kv_cache_bytes, seed=0, async_steps=args.async_steps)
+                      kv_cache_bytes=args.kv_cache_bytes, seed=0, async_steps=ASYNC_STEPS[args.async_steps])
     return LLMEngine(ec, source=SyntheticSource(name, seed=0, config=cfg))
 
 
@@ -224,7 +227,7 @@ def decode_sweep(engine: LLMEngine, batches: list[int], context: int, reps: int,
         engine.runner.timing = timing = StepTiming()
         walls = []
         for _ in range(steps):
-            if not engine.config.async_steps:  # (asynchronous steps: a step's wall is the period between steps)
+            if not engine.async_steps:  # (asynchronous steps: a step's wall is the period between steps)
                 sync(dev)
             t = time.perf_counter()
             engine.step()
@@ -563,7 +566,7 @@ def run_isolated(args: argparse.Namespace, models: list[str], hf_models: list[st
     if args.tune_gemv:
         raise SystemExit("--tune-gemv tunes over all models in one process: add --no-isolate")
     common += ["--smoke"] if args.smoke else []
-    common += ["--async-steps"] if args.async_steps else []
+    common += ["--async-steps", args.async_steps]
     parts = [("engine", m) for m in models] + [("hf", m) for m in hf_models]
     res: dict[str, Any] | None = None
     failures = []
@@ -619,9 +622,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf", default="llama2-7b", help="models to run HF transformers on ('' for none)")
     ap.add_argument("--hf-memory-fraction", type=float, default=0.5)
     ap.add_argument("--tune-gemv", action="store_true")
-    ap.add_argument("--async-steps", action="store_true",
-                    help="the engine launches each step before reading back the previous step's tokens "
-                         "(EngineConfig.async_steps); a decode step's wall is then the period between steps")
+    ap.add_argument("--async-steps", choices=["on", "off", "default"], default="default",
+                    help="asynchronous steps (EngineConfig.async_steps: each step is launched before the previous "
+                         "step's tokens are read back; a step's wall is then the period between steps): on, off, or "
+                         "the engine's default (on with CUDA graphs)")
     ap.add_argument("--smoke", action="store_true", help="tiny shrunken models: checks the script, not the speed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, required=True)
@@ -693,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.runner.graphs.capture_all()
         capture_s = time.perf_counter() - t
         m: dict[str, Any] = {"config": {k: v for k, v in vars(cfg).items() if k != "rope_parameters"},
-                             "kernels": engine.model.kernels.name, "cuda_graphs": engine.runner.graphs is not None,
+                             "kernels": engine.model.kernels.name, "cuda_graphs": engine.runner.graphs is not None, "async_steps": engine.async_steps,
                              "kv_blocks": engine.block_manager.num_total_blocks, "engine_build_s": build_s,
                              "graph_capture_s": capture_s}
         res["models"][name] = m

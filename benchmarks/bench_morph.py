@@ -42,6 +42,9 @@ L4_BUDGET = 24 * 10**9
 TRANSITIONS = [(P.FP16, P.W8), (P.W8, P.W4), (P.W4, P.W8), (P.W8, P.FP16), (P.FP16, P.W4), (P.W4, P.FP16)]
 
 
+# --async-steps: EngineConfig.async_steps (None: the engine's default)
+ASYNC_STEPS = {"on": True, "off": False, "default": None}
+
 def pinned_h2d_gbps(nbytes: int = 1 << 30, reps: int = 10) -> float:
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -403,7 +406,7 @@ def kv_capacity(model: str) -> list[dict]:
 
 def run_model(name: str, h2d: float, args) -> dict:
     engine = LLMEngine(EngineConfig(model=name, device="cuda", dtype="float16", num_kv_blocks=args.kv_blocks,
-                                    max_num_seqs=max(args.batch, 8), async_steps=args.async_steps))
+                                    max_num_seqs=max(args.batch, 8), async_steps=ASYNC_STEPS[args.async_steps]))
     layers = [0, engine.model.cfg.num_layers // 2, engine.model.cfg.num_layers - 1]
     staged = stage_layers(engine, layers)
     out = {"model": name, "synthetic_weights": engine.synthetic_weights,
@@ -563,9 +566,10 @@ def main() -> None:
                          "composite segments only (a landing switches one segment)")
     ap.add_argument("--copy-budget-mib", type=int, nargs="+", default=[0],
                     help="staged swaps' copies enqueued per step, MiB (0: all at the request); one staged run each")
-    ap.add_argument("--async-steps", action="store_true",
-                    help="the engine launches each step before reading back the previous step's tokens "
-                         "(EngineConfig.async_steps): a step's wall is then the period between steps")
+    ap.add_argument("--async-steps", choices=["on", "off", "default"], default="default",
+                    help="asynchronous steps (EngineConfig.async_steps: each step is launched before the previous "
+                         "step's tokens are read back; a step's wall is then the period between steps): on, off, or "
+                         "the engine's default (on with CUDA graphs)")
     ap.add_argument("--source-commit", default=None, help="the commit of the tree (the box's git metadata is stale)")
     ap.add_argument("--out", default="benchmarks/results/morph.json")
     ap.add_argument("--summarise", type=Path, nargs="+", metavar="JSON",

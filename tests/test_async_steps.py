@@ -79,7 +79,7 @@ def test_async_abort_while_in_flight_and_switching_modes(tiny_mha):
     out = engine.abort(a)
     assert out.finish_reason == "aborted" and min(out.output_token_ids) >= 0
     # switch to synchronous steps: the first one reads back the step in flight, then the engine runs on
-    engine.config.async_steps = False
+    engine.async_steps = False
     rest = engine.run_until_done()
     assert [o.request_id for o in rest] == [b] and len(rest[0].output_token_ids) == 30
     assert engine.block_manager.num_used == 0
@@ -96,9 +96,11 @@ def test_placeholder_without_a_step_in_flight_is_an_error(tiny_mha):
         engine.step()
 
 
-def test_async_steps_config_is_validated():
-    with pytest.raises(ValueError, match="async_steps must be True or False, got 1"):
+def test_async_steps_config_is_validated_and_defaults_to_off_without_graphs(tiny_mha):
+    with pytest.raises(ValueError, match="async_steps must be True, False or None, got 1"):
         EngineConfig(async_steps=1)
+    assert LLMEngine(EngineConfig(model=str(tiny_mha), device="cpu")).async_steps is False  # nothing to overlap
+    assert LLMEngine(EngineConfig(model=str(tiny_mha), device="cpu", async_steps=True)).async_steps is True
 
 
 @pytest.mark.gpu

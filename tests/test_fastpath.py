@@ -81,6 +81,7 @@ def test_engine_defaults_and_bad_options(tiny_mha):
     if CUDA:
         fast = LLMEngine(EngineConfig(model=str(tiny_mha), device="cuda"))
         assert fast.model.kernels.name == "triton" and fast.runner.graphs is not None
+        assert fast.async_steps  # the default where decode steps replay graphs
 
 
 def _naive_host_batch(chunks, bs):
@@ -370,6 +371,7 @@ def _decode_batch_logits(eng: LLMEngine, use_graph: bool) -> torch.Tensor:
 
 
 def _start_decoding(eng: LLMEngine, prompts, max_tokens=64):
+    eng.async_steps = False  # the callers build decode batches from the requests' tokens between steps
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for p in prompts:
         eng.add_request(p, params)

@@ -37,7 +37,9 @@ class EngineConfig:
     # Asynchronous steps: launch step k+1 before reading back step k's tokens (its inputs read them on the device),
     # so the host's scheduling and launch overlap the GPU's work (LLMEngine.step).  Finished requests are then
     # known one step late, and a request that stops on an EOS or stop token computes one token that is discarded.
-    async_steps: bool = False
+    # None (the default): on where decode steps replay CUDA graphs (the Triton fast path on CUDA), off elsewhere
+    # (on a CPU the model runs synchronously: nothing to overlap).
+    async_steps: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -48,9 +50,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {v}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        for name in ("freeze_heap", "async_steps"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.freeze_heap, bool):
+            raise ValueError(f"freeze_heap must be True or False, got {self.freeze_heap!r}")
+        if self.async_steps is not None and not isinstance(self.async_steps, bool):
+            raise ValueError(f"async_steps must be True, False or None, got {self.async_steps!r}")
 
     def torch_device(self) -> torch.device:
         if self.device is None:

@@ -85,6 +85,8 @@ class LLMEngine:
             graphs = DecodeGraphs(self.model, self.pool, self.model.kernels, config.max_num_seqs,
                                   -(-self.max_model_len // config.block_size))
         self.runner = ModelRunner(self.model, self.pool, graphs=graphs)
+        # launch each step before the previous step's tokens are read back (EngineConfig.async_steps)
+        self.async_steps = use_graphs if config.async_steps is None else config.async_steps
         self.tokenizer = self.source.tokenizer()
         self.requests: dict[str, Request] = {}
         self.step_stats: deque[StepStats] = deque(maxlen=100_000)
@@ -204,7 +206,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the requests that finished in it (with ``config.async_steps``, the
         requests whose last token the previous iteration's step sampled: see :meth:`_step_async`)."""
-        if self.config.async_steps and self.kv_policy is None:
+        if self.async_steps and self.kv_policy is None:
             return self._step_async()
         finished = self._drain()  # a step still in flight from asynchronous steps (switched off since)
         if finished:
