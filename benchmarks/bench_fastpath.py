@@ -697,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
             engine.runner.graphs.capture_all()
         capture_s = time.perf_counter() - t
         m: dict[str, Any] = {"config": {k: v for k, v in vars(cfg).items() if k != "rope_parameters"},
-                             "kernels": engine.model.kernels.name, "cuda_graphs": engine.runner.graphs is not None, "async_steps": engine.async_steps,
+                             "kernels": engine.model.kernels.name, "cuda_graphs": engine.runner.graphs is not None,
+                             "async_steps": engine.async_steps,
                              "kv_blocks": engine.block_manager.num_total_blocks, "engine_build_s": build_s,
                              "graph_capture_s": capture_s}
         res["models"][name] = m
