@@ -439,7 +439,11 @@ def test_precision_change_recaptures(monkeypatch):
         return LayerLayout(Precision.W8, fp16_layout(cfg, dtype).specs)
 
     monkeypatch.setitem(weight_arena._LAYOUTS, Precision.W8, fake_layout)
-    monkeypatch.setitem(linear_mod._KERNELS, Precision.W8, lambda x, lw, name: F.linear(x, lw.tensors[name]) * 0.5)
+    def half_linear(x, lw, name, out=None):  # the registered-kernel signature (out= since 2026-12-02)
+        y = F.linear(x, lw.tensors[name]) * 0.5
+        return y if out is None else out.copy_(y)
+
+    monkeypatch.setitem(linear_mod._KERNELS, Precision.W8, half_linear)
     eng = _synthetic("llama2-7b", "float32", "cuda")
     _start_decoding(eng, _token_prompts(2, (9, 21)))
     g = eng.runner.graphs
