@@ -20,6 +20,7 @@ baselines that choose their own map, e.g. ``baselines.llm_pq``).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ from morphserve.engine.morpher import Morpher
 from morphserve.memory.kv_resizer import KVResizer, ReleasePolicy
 from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks
 from morphserve.memory.weight_arena import Precision
+
+_LOG = logging.getLogger(__name__)
 
 STATIC_SYSTEMS = ("fp16", "w4", "selective-8", "selective-16")
 DYNAMIC_SYSTEMS = ("morphserve-accuracy", "morphserve-default", "morphserve-performance")
@@ -79,6 +82,24 @@ def _swapper_and_resizer(engine, staged, copy_budget: int | None = None) -> tupl
     return swapper, resizer
 
 
+def reserve_for_staging(engine, swapper: LayerSwapper, ladder) -> int:
+    """Keep enough free base-pool KV blocks for one staged swap between any rungs of ``ladder`` (the largest
+    quantized variant's bytes) out of the sequences' reach, and make the swapper stage every swap: one that finds
+    the scratch taken waits for a later step instead of running in place with per-layer graphs (slower steps;
+    BENCHMARKS.md, issue 5).  Returns the reserve in blocks (0 without scratch, i.e. on CPU).  A base pool too small
+    to spare the reserve (more than a quarter of it) keeps the in-place fallback and no reserve."""
+    need = swapper.max_scratch_blocks(ladder)
+    base = engine.pool.segments[0].num_blocks
+    if need == 0 or 4 * need > base:
+        if need:
+            _LOG.warning("base KV pool of %d blocks cannot spare %d for staged swaps: swaps may run in place",
+                         base, need)
+        return 0
+    engine.block_manager.set_base_reserve(need)
+    swapper.staged_only = True
+    return need
+
+
 def attach_static(engine, precisions: list[Precision], staged=None,
                   release_policy: ReleasePolicy = ReleasePolicy.MIGRATE) -> Morpher:
     """Install the static precision map ``precisions`` (one per layer) on ``engine`` (idle and all-FP16): stage
@@ -121,6 +142,7 @@ def attach_system(engine, name: str, order: list[int], staged=None, mode_overrid
         staged = StagedVariants.build(engine.model, precisions=(Precision.FP16, *mode.ladder))
     budget = None if mode.copy_mib_per_step is None else mode.copy_mib_per_step << 20
     swapper, resizer = _swapper_and_resizer(engine, staged, budget)
+    reserve_for_staging(engine, swapper, mode.ladder)
     controller = MorphController(mode, n, list(order))
     morpher = Morpher(engine, swapper, resizer, controller=controller, release_policy=release_policy)
     engine.morpher = morpher

@@ -165,6 +165,24 @@ def test_staged_swap_cancel_and_fallback_to_in_place(staged_setup):
     assert [x.layer for x in swapper.land()] == [0] and swapper.precision(0) == P.FP16
 
 
+def test_staged_only_swapper_waits_for_scratch_instead_of_running_in_place(staged_setup):
+    engine, staged = staged_setup
+    bm = engine.block_manager
+    with pytest.raises(ValueError, match="staged_only needs scratch"):
+        LayerSwapper(engine.model.arena, staged, "cpu", staged_only=True)
+    swapper = LayerSwapper(engine.model.arena, staged, "cpu", scratch=ScratchBlocks(engine.pool, bm),
+                           staged_only=True)
+    held = bm.allocate(bm.num_free_in(0), segment=0)
+    assert swapper.request(0, P.W4) is None and not swapper.swaps and swapper.declined == 1
+    assert swapper.precision(0) == P.FP16 and bm.num_used == len(held)
+    bm.free_blocks(held)
+    s = swapper.request(0, P.W4)  # asked again once scratch is free: staged
+    assert s.is_staged and swapper.land() == [s] and swapper.precision(0) == P.W4
+    swapper.request(0, P.FP16)
+    swapper.land()
+    assert swapper.precision(0) == P.FP16 and bm.num_used == 0
+
+
 class _Graphs:
     """Stands in for the decode graphs (CUDA only) in front of :func:`land_staged`: which maps replay without a
     build, and the maps built, with the layer's precision at the time of each build."""

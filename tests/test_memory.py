@@ -108,6 +108,28 @@ def test_block_manager_prefers_base_pool_and_drains_segments():
         bm.allocate(4)
 
 
+def test_block_manager_base_reserve_is_only_for_the_base_pools_explicit_users():
+    """Sequences never take the last ``reserve`` base-pool blocks (they spill to extension segments, or wait); the
+    staged swaps' scratch (``allocate(n, segment=0)``) may."""
+    pool = _pool(blocks=6)
+    bm = BlockManager(pool)
+    with pytest.raises(ValueError, match="reserve of 6 blocks"):
+        bm.set_base_reserve(6)
+    bm.set_base_reserve(2)
+    assert bm.num_free_blocks == 4 and bm.can_allocate(4) and not bm.can_allocate(5)
+    seq = bm.allocate(4)
+    assert seq == [0, 1, 2, 3] and bm.num_free_blocks == 0 and bm.num_free_in(0) == 2
+    with pytest.raises(RuntimeError, match="asked for 1 KV blocks, 0 free"):
+        bm.allocate(1)
+    pool.attach(1, torch.zeros(3, *pool.block_shape), "layer:0")
+    bm.add_segment(1)
+    assert [b >> pool.shift for b in bm.allocate(3)] == [1, 1, 1]  # spills to the extension, not the reserve
+    scratch = bm.allocate(2, segment=0)
+    assert scratch == [4, 5] and bm.num_free_in(0) == 0
+    bm.free_blocks(scratch + seq[:1])
+    assert bm.num_free_blocks == 1 and bm.num_free_in(0) == 3  # one block beyond the refilled reserve
+
+
 def test_kv_capacity_sizing():
     from morphserve.engine.config import EngineConfig
 

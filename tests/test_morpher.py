@@ -16,6 +16,7 @@ from morphserve.memory.layer_swapper import LayerSwapper, ScratchBlocks
 from morphserve.memory.weight_arena import Precision
 from morphserve.parity import PARITY_PROMPTS
 from morphserve.quant.staging import StagedVariants
+from morphserve.systems import reserve_for_staging
 
 P = Precision
 
@@ -68,26 +69,33 @@ def test_static_w4_map_turns_freed_weights_into_kv_blocks(wide):
     assert all(len(o.output_token_ids) == 8 for o in out)
 
 
-@pytest.mark.parametrize("staged_swaps", [False, True], ids=["in-place", "staged"])
-def test_controller_goes_down_under_pressure_and_back_up_when_idle(wide, staged_swaps):
+@pytest.mark.parametrize("staged_swaps,reserve", [(False, False), (True, False), (True, True)],
+                         ids=["in-place", "staged", "staged-reserved"])
+def test_controller_goes_down_under_pressure_and_back_up_when_idle(wide, staged_swaps, reserve):
     """Under pressure the pool is nearly full, so staged swaps often find no scratch and run in place: both kinds
-    mix in the staged run."""
-    engine, swapper, resizer = _engine(wide, 26, staged_swaps=staged_swaps)
+    mix in the staged run.  With a base reserve for staging (what the systems install on CUDA), every swap is
+    staged: sequences never take the reserved blocks, and a swap that finds the scratch taken waits."""
+    blocks = 30 if reserve else 26  # (the longest request needs 24 blocks besides the reserve)
+    engine, swapper, resizer = _engine(wide, blocks, staged_swaps=staged_swaps)
     mode = mode_config("performance", persist_steps=2, min_dwell_steps=2, relief_persist_steps=4,
                        layers_per_decision=1, max_layer_fraction=1.0)
+    if reserve:
+        assert reserve_for_staging(engine, swapper, mode.ladder) == 5 and swapper.staged_only  # W4 head: 5 blocks
     controller = MorphController(mode, 4, [3, 1, 0, 2])
     morpher = Morpher(engine, swapper, resizer, controller=controller)
     out = _serve(engine, morpher, PARITY_PROMPTS[:8], SamplingParams(max_tokens=40, ignore_eos=True))
     assert all(len(o.output_token_ids) == 40 and o.error is None for o in out)
     peak = max(e.kv_total_blocks for e in morpher.timeline)
-    assert controller.level > 0 and peak > 26 and "pressure" in controller.decisions[0].reason
+    assert controller.level > 0 and peak > blocks and "pressure" in controller.decisions[0].reason
     assert any(e.precisions.count("4") >= 2 for e in morpher.timeline)
     for _ in range(200):  # the serving loop keeps ticking the morpher while idle
         morpher.before_step()
         morpher.after_step()
     assert controller.level == 0 and engine.model.arena.precisions() == ["fp16"] * 4
-    assert resizer.extension_blocks() == 0 and engine.block_manager.num_total_blocks == 26
+    assert resizer.extension_blocks() == 0 and engine.block_manager.num_total_blocks == blocks
     assert any(d.reason.startswith("relief") for d in controller.decisions)
+    kinds = {s.is_staged for s in swapper.completed}
+    assert kinds == ({True} if reserve else {False} if not staged_swaps else {True, False}), kinds
     t = morpher.timeline[-1].to_dict()
     assert set(t) >= {"step", "precisions", "target", "kv_total_blocks", "kv_used_blocks", "queue_len", "reason"}
 

@@ -150,9 +150,10 @@ class LLMEngine:
                                f"{self.max_model_len} tokens (at least one position is needed for output)")
         longest = min(len(ids) + params.max_tokens, self.max_model_len)
         need = -(-longest // self.config.block_size)
-        if need > self.block_manager.num_total_blocks:
+        usable = self.block_manager.num_total_blocks - self.block_manager.base_reserve
+        if need > usable:
             raise RequestError(f"request needs {need} KV blocks ({len(ids)} prompt + {params.max_tokens} output "
-                               f"tokens) but the pool holds {self.block_manager.num_total_blocks}")
+                               f"tokens) but the pool holds {usable} for sequences")
         return ids
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -6,6 +6,10 @@ segments in table order), which keeps extension segments as empty as possible so
 layer is restored.  ``extension_first=True`` reverses the preference (used by stress tests to keep live blocks in
 extension segments).  A segment can be *closed* (no new allocations; the KV resizer does this before detaching it); its live
 blocks stay valid until they are freed or migrated.
+
+A *base reserve* (:meth:`BlockManager.set_base_reserve`) keeps that many blocks of the base pool free for staged
+layer swaps: sequences never allocate them (they count as neither free nor allocatable for them), while
+``allocate(n, segment=0)`` (the swapper's scratch, :class:`morphserve.memory.layer_swapper.ScratchBlocks`) may.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ class BlockManager:
         self.free: dict[int, list[int]] = {}
         self.closed: set[int] = set()
         self.num_used = 0
+        self.base_reserve = 0  # base-pool blocks kept free for staged swaps (see the module)
         for index in pool.segments:
             self._open(index)
 
@@ -58,8 +63,22 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks that can be allocated now (closed segments excluded)."""
-        return sum(len(f) for i, f in self.free.items() if i not in self.closed)
+        """Blocks that sequences can allocate now (closed segments and the base reserve excluded)."""
+        return sum(self._allocatable(i) for i in self.free)
+
+    def _allocatable(self, index: int) -> int:
+        if index in self.closed:
+            return 0
+        n = len(self.free[index])
+        return max(0, n - self.base_reserve) if index == 0 else n
+
+    def set_base_reserve(self, n: int) -> None:
+        """Keep ``n`` blocks of the base pool out of the sequences' reach (free blocks for staged swaps' scratch).
+        Blocks already in use stay where they are: the reserve fills up as they are freed."""
+        base = self.pool.segments[0].num_blocks
+        if not 0 <= n < base:
+            raise ValueError(f"base reserve of {n} blocks: need 0 <= reserve < {base} (the base pool's blocks)")
+        self.base_reserve = n
 
     def num_free_in(self, segment: int) -> int:
         """Free blocks of one segment (0 when it is closed or absent)."""
@@ -79,7 +98,8 @@ class BlockManager:
             if index in self.closed or (segment is not None and index != segment):
                 continue
             fl = self.free[index]
-            while fl and len(out) < n:
+            keep = self.base_reserve if index == 0 and segment is None else 0
+            while len(fl) > keep and len(out) < n:
                 out.append(fl.pop())
             if len(out) == n:
                 break

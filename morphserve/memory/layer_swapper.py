@@ -165,7 +165,7 @@ def gather_copy(dst: torch.Tensor, srcs: list[torch.Tensor]) -> None:
 
 class LayerSwapper:
     def __init__(self, arena: WeightArena, staged, device: torch.device | str, time_copies: bool = False,
-                 scratch: ScratchBlocks | None = None, copy_budget: int | None = None):
+                 scratch: ScratchBlocks | None = None, copy_budget: int | None = None, staged_only: bool = False):
         """``staged``: a :class:`morphserve.quant.staging.StagedVariants` holding every variant to swap to.
         ``time_copies``: record CUDA events around each copy (benchmarks).  ``scratch``: where staged swaps keep
         their bytes (see the module); without it every swap copies into the slot in place.  ``copy_budget``:
@@ -174,7 +174,13 @@ class LayerSwapper:
         cost to the steps it overlaps (on an H200 a copy running through a batch-1 step slowed its GEMVs by 5-6%)
         over more steps, at the price of the swap's latency; it lowered a swap's mean step but measured no
         consistent gain in its worst step (BENCHMARKS.md, sixth and seventh swap-step campaigns), so the systems
-        leave it off."""
+        leave it off.  ``staged_only`` (with ``scratch``): a swap that finds too few free scratch blocks is not
+        queued (:meth:`request` returns None; the caller asks again in a later step) instead of falling back to
+        the in-place path, whose steps run the per-layer graphs (1.13-1.23x a no-swap step at batch 8-32 on an
+        H200, against <= 1.05x staged; BENCHMARKS.md, issue 5)."""
+        if staged_only and scratch is None:
+            raise ValueError("staged_only needs scratch blocks to stage swaps in")
+        self.staged_only = staged_only
         if copy_budget is not None and copy_budget < 1:
             raise ValueError(f"copy_budget must be a positive number of bytes or None, got {copy_budget}")
         self.copy_budget = copy_budget
@@ -190,6 +196,7 @@ class LayerSwapper:
         self.swaps: dict[int, Swap] = {}  # at most one queued or in-flight swap per layer
         self.completed: list[Swap] = []
         self.bytes_copied = 0
+        self.declined = 0  # requests not queued for lack of scratch (staged_only)
 
     # ---- control plane API ----------------------------------------------------------------------------------
     def precision(self, layer: int) -> Precision:
@@ -210,8 +217,9 @@ class LayerSwapper:
 
     def request(self, layer: int, dst: Precision) -> Swap | None:
         """Queue a swap of ``layer`` to ``dst`` (retargets a queued one; a queued swap to ``dst`` is returned as it
-        is).  Returns the swap, or None when the layer already is ``dst``.  A layer whose copy is in flight cannot
-        be retargeted until it lands."""
+        is).  Returns the swap, or None when the layer already is ``dst`` (or, with ``staged_only``, when too few
+        scratch blocks are free: nothing is queued then).  A layer whose copy is in flight cannot be retargeted
+        until it lands."""
         if not 0 <= layer < self.arena.cfg.num_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.arena.cfg.num_layers})")
         dst = Precision(dst)
@@ -230,6 +238,9 @@ class LayerSwapper:
         swap = Swap(layer, src, dst, nbytes, grows=nbytes > layout_for(src, cfg, dtype).nbytes)
         if self.scratch is not None:
             swap.scratch = self.scratch.take(self._head_bytes(swap))
+            if swap.scratch is None and self.staged_only:
+                self.declined += 1
+                return None
         if self.copy_stream is not None:
             swap.fence = torch.cuda.Event()
             swap.fence.record(torch.cuda.current_stream(self.device))
@@ -239,6 +250,14 @@ class LayerSwapper:
         elif swap.grows and self.copy_stream is not None:
             self._copy_tail(swap)  # (an in-place swap on CPU copies everything in issue())
         return swap
+
+    def max_scratch_blocks(self, precisions) -> int:
+        """Scratch blocks the largest staged swap among ``precisions`` (down to, or up from, any of them) needs:
+        what a base reserve must hold for one staged swap at a time (:meth:`BlockManager.set_base_reserve`)."""
+        if self.scratch is None:
+            return 0
+        cfg, dtype = self.arena.cfg, self.arena.dtype
+        return max(self.scratch.blocks_for(layout_for(Precision(p), cfg, dtype).nbytes) for p in precisions)
 
     def _head_bytes(self, s: Swap) -> int:
         """The bytes that overwrite what the layer reads at its current precision: all of a shrinking swap's
