@@ -106,23 +106,6 @@ def test_w4_gemv_matches_reference(m, n, k, g, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,g", [(2, 48, 256, 128), (5, 80, 128, 32), (8, 48, 512, 128)])
-def test_w4_multirow_gemv_matches_reference(m, n, k, g, dtype):
-    """The multi-row GEMV (``block_m`` rows of x per program): a partial last row block, a partial column block,
-    split-K with an uneven last split, steps of 2 to 16 word rows (clamped to the group)."""
-    q, x = _w4(n, k, g, dtype), _x(m, k, dtype)
-    ref = _ref64(x, q.dequantize())
-    for cfg in (GemvConfig(32, 1, block_m=2, stages=1, rows_step=4),
-                GemvConfig(16, 1, split_k=3, block_m=4, stages=2, rows_step=2),
-                GemvConfig(32, 2, split_k=2, block_m=8, stages=2, rows_step=16)):
-        y = w4a16_gemv(x, q.qweight, q.scales, q.zeros, g, cfg)
-        assert y.dtype == dtype and _err(y, ref) < TOL[dtype], cfg
-        assert cfg.name.startswith(f"gemv[m{cfg.block_m},")
-    with pytest.raises(ValueError, match="block_m=3"):
-        w4a16_gemv(x, q.qweight, q.scales, q.zeros, g, GemvConfig(32, 1, block_m=3, stages=1))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_w4_dequant_is_bit_exact_and_dequant_mm_chunks(dtype):
     n, k, g = 80, 128, 64
     q, x = _w4(n, k, g, dtype), _x(5, k, dtype)
@@ -191,20 +174,6 @@ def test_w8_gemv_matches_reference(m, n, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k", [(2, 48, 512), (5, 80, 1024), (8, 24, 260)])
-def test_w8_multirow_gemv_matches_reference(m, n, k, dtype):
-    """The multi-row W8 GEMV: partial row and column blocks, split-K, K not a multiple of the 256-feature step."""
-    q, x = _w8(n, k, dtype), _x(m, k, dtype)
-    ref = _ref64(x, q.dequantize())
-    for cfg in (GemvConfig(16, 1, block_m=2), GemvConfig(32, 2, split_k=3, block_m=4),
-                GemvConfig(16, 4, split_k=2, block_m=8)):
-        y = w8a16_gemv(x, q.qweight, q.scales, cfg)
-        assert y.dtype == dtype and _err(y, ref) < TOL[dtype], cfg
-    with pytest.raises(ValueError, match="block_m=6"):
-        w8a16_gemv(x, q.qweight, q.scales, GemvConfig(16, 1, block_m=6))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_w8_dequant_is_bit_exact_and_dequant_mm_chunks(dtype):
     n, k = 144, 64
     q, x = _w8(n, k, dtype), _x(4, k, dtype)
@@ -247,10 +216,6 @@ def test_dispatch_buckets_and_candidates():
         assert small == {"gemv", "gemm", "dequant_mm"} and large == {"dequant_mm"}
         # split-K candidates never exceed the number of K steps
         assert all(p.config.split_k <= 4096 // 128 for p in dispatch.candidates(w, 16, 132) if p.config)
-        # the multi-row GEMVs for M buckets 2 to 8 (one row block = the bucket), not for M = 1 or 16
-        rows = {m: [p.config.block_m for p in dispatch.candidates(w, m, 132) if p.kind == "gemv"]
-                for m in (1, 2, 8, 16)}
-        assert set(rows[1]) == {1} and 2 in rows[2] and set(rows[8]) == {8} and rows[16] == []
         # the weight-stationary GEMM from M = 2 up, always as GemmConfig(weight_a=True)
         mid = dispatch.candidates(w, 16, 132)
         assert {p.kind for p in mid} == {"gemm", "gemm_t", "dequant_mm"}

@@ -173,14 +173,12 @@ class GemvConfig:
     num_warps: int
     split_k: int = 1
     stages: int = 0  # W4 only: 0 = register prefetch kernel; >= 1 = compiler-pipelined kernel with this many stages
-    rows_step: int = 8  # W4 pipelined kernels: int32 word rows per loop iteration
-    block_m: int = 1  # rows of x per program; > 1 selects the multi-row kernels (W4's is always pipelined)
+    rows_step: int = 8  # W4 pipelined kernel: int32 word rows per loop iteration
 
     @property
     def name(self) -> str:
         extra = f",p{self.stages},r{self.rows_step}" if self.stages else ""
-        rows = f"m{self.block_m}," if self.block_m > 1 else ""
-        return f"gemv[{rows}n{self.block_n},w{self.num_warps},sk{self.split_k}{extra}]"
+        return f"gemv[n{self.block_n},w{self.num_warps},sk{self.split_k}{extra}]"
 
 
 @dataclass(frozen=True)
@@ -353,55 +351,9 @@ def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_pt
     store_tile(acc[None, :], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
 
 
-@triton.jit(do_not_specialize=["M", "num_groups", "groups_per_split", "split_k"])
-def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
-                         M, N, stride_xm, num_groups, groups_per_split, split_k,
-                         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         ROWS_STEP: tl.constexpr, STAGES: tl.constexpr, FENCE: tl.constexpr, USE_PDL: tl.constexpr):
-    """:func:`_w4_gemv_pipelined_kernel` for ``BLOCK_M`` rows of ``x`` at once (M of 2 to 8): each word is loaded
-    and each code unpacked once, then multiplied with every row (one AND and ``BLOCK_M`` FMAs per code), where the
-    one-row kernels run one program per row and read the weight ``M`` times.  The partial products are a
-    ``[BLOCK_M, ROWS_STEP, BLOCK_N]`` tile, reduced over the rows of a step once per step."""
-    pdl_wait(USE_PDL)
-    ROWS: tl.constexpr = GROUP // 8
-    STEPS: tl.constexpr = ROWS // ROWS_STEP
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    offs_r = tl.arange(0, ROWS_STEP)
-    x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in tl.range(0, groups_per_split * STEPS, num_stages=STAGES):
-        g = pid_k * groups_per_split + t // STEPS
-        g_in = tl.minimum(g, num_groups - 1)  # past the last group: re-read it, add nothing (scales load as 0)
-        rows = g_in * ROWS + (t % STEPS) * ROWS_STEP + offs_r
-        w = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-        s = tl.load(s_ptr + g_in * N + offs_n, mask=n_mask & (g < num_groups), other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g_in * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        xs = tl.zeros((BLOCK_M, ROWS_STEP), dtype=tl.float32)
-        d = tl.zeros((BLOCK_M, ROWS_STEP, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(8):
-            if j == 6:
-                w = w >> 24  # codes 6 and 7 move to bits 0..7
-            xj = tl.load(x_rows + rows[None, :] * 8 + j, mask=m_mask[:, None], other=0.0).to(tl.float32)
-            xs += xj
-            # q * 2**(4i - 149) times x * 2**(100 - 4i), as in _w4_code_times_x
-            f = (w & (15 << (4 * j if j < 6 else 4 * j - 24))).to(tl.float32, bitcast=True)
-            d += f[None, :, :] * (xj * (2.0 ** (100 - (4 * j if j < 6 else 4 * j - 24))))[:, :, None]
-        acc += s[None, :] * (tl.sum(d, axis=1) * (2.0 ** 49) - z[None, :] * tl.sum(xs, axis=1)[:, None])
-    tile_id = pid_m * tl.num_programs(0) + pid_n
-    pdl_trigger(USE_PDL)
-    store_tile(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
-
-
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                cfg: GemvConfig = GemvConfig(256, 2), out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T`` with a split-K GEMV kernel: one program per column block, K split and row of ``x`` (or block of
-    ``cfg.block_m`` rows, :func:`_w4_gemv_rows_kernel`)."""
+    """``x @ W.T`` with the split-K GEMV kernel (one program per row of ``x``, column block and K split)."""
     m, n, k = _check_operands(x, qweight, scales, zeros, group_size)
     _check_block("block_n", cfg.block_n, 16)
     num_groups = k // group_size
@@ -411,19 +363,10 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     y = output_buffer(out, m, n, x)
     if m == 0:
         return y
-    _check_block("block_m", cfg.block_m)
-    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+    grid = (triton.cdiv(n, cfg.block_n), split, m)
     ws = splitk_workspace(x.device)  # passed even without split-K: the kernel's pointer types must not change
     if split > 1:
-        ws.check(m, n, grid[0] * grid[2])
-    if cfg.block_m > 1:
-        rows_step = min(cfg.rows_step, group_size // W4_PACK)
-        _check_block("rows_step", rows_step)
-        _w4_gemv_rows_kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0),
-                                   num_groups, groups_per_split, split, GROUP=group_size, BLOCK_M=cfg.block_m,
-                                   BLOCK_N=cfg.block_n, ROWS_STEP=rows_step, STAGES=max(cfg.stages, 1),
-                                   FENCE=not interpreting(), num_warps=cfg.num_warps, **launch_options(x.device))
-        return y
+        ws.check(m, n, grid[0] * m)
     if cfg.stages:
         rows_step = min(cfg.rows_step, group_size // W4_PACK)
         _check_block("rows_step", rows_step)

@@ -108,53 +108,10 @@ def _w8_gemv_kernel(x_ptr, qw_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     store_tile(out[None, :], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
 
 
-@triton.jit(do_not_specialize=["M", "steps_per_split", "split_k"])
-def _w8_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
-                         M, N, K4, stride_xm, steps_per_split, split_k,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                         FENCE: tl.constexpr, USE_PDL: tl.constexpr):
-    """:func:`_w8_gemv_kernel` for ``BLOCK_M`` rows of ``x`` at once (M of 2 to 8): each word is loaded and each
-    code masked once, then multiplied with every row, where the one-row kernel runs one program per row and reads
-    the weight ``M`` times.  The per-word sums are a ``[BLOCK_M, BLOCK_N, BLOCK_C]`` tile, reduced once."""
-    pdl_wait(USE_PDL)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    offs_c = tl.arange(0, BLOCK_C)
-    c_lo = pid_k * steps_per_split * BLOCK_C
-    c_end = tl.minimum(c_lo + steps_per_split * BLOCK_C, K4)
-    x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_C), dtype=tl.float32)  # sum_k x_k (q_k + 128), times 2**-49
-    xsum = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for step in range(0, steps_per_split):
-        cols = c_lo + step * BLOCK_C + offs_c
-        c_mask = cols < c_end
-        w = tl.load(qw_ptr + offs_n[:, None] * K4 + cols[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0)
-        w = w ^ -2139062144  # 0x80808080: every byte becomes the unsigned code q + 128
-        for j in tl.static_range(4):
-            if j == 3:
-                w = w >> 24
-            xj = tl.load(x_rows + cols[None, :] * 4 + j, mask=m_mask[:, None] & c_mask[None, :],
-                         other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]: x[m, 4c + j]
-            xsum += xj
-            f = (w & (255 << (8 * j if j < 3 else 0))).to(tl.float32, bitcast=True)  # see _w8_gemv_kernel
-            acc += f[None, :, :] * (xj * (2.0 ** (100 - (8 * j if j < 3 else 0))))[:, None, :]
-    s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    out = (tl.sum(acc, axis=2) * (2.0 ** 49) - 128.0 * tl.sum(xsum, axis=1)[:, None]) * s[None, :]
-    tile_id = pid_m * tl.num_programs(0) + pid_n
-    pdl_trigger(USE_PDL)
-    store_tile(out, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
-
-
 def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                cfg: GemvConfig = GemvConfig(32, 4), out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T`` with a split-K GEMV kernel: one program per row block of W, K split and row of ``x`` (or block
-    of ``cfg.block_m`` rows, :func:`_w8_gemv_rows_kernel`).  ``cfg.block_n`` rows of W per program; each step covers
-    256 input features."""
+    """``x @ W.T`` with the split-K GEMV kernel (one program per row of ``x``, row block of W and K split).
+    ``cfg.block_n`` rows of W per program; each step covers 256 input features."""
     m, n, k = _check_operands(x, qweight, scales)
     _check_block("block_n", cfg.block_n, 1)
     if k % W8_WORD:
@@ -168,17 +125,10 @@ def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     y = output_buffer(out, m, n, x)
     if m == 0:
         return y
-    _check_block("block_m", cfg.block_m)
-    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+    grid = (triton.cdiv(n, cfg.block_n), split, m)
     ws = splitk_workspace(x.device)  # passed even without split-K: the kernel's pointer types must not change
     if split > 1:
-        ws.check(m, n, grid[0] * grid[2])
-    if cfg.block_m > 1:
-        _w8_gemv_rows_kernel[grid](x, qweight.view(torch.int32), scales, y, ws.partials, ws.counters, m, n, k4,
-                                   x.stride(0), steps_per_split, split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                   BLOCK_C=block_c, FENCE=not interpreting(), num_warps=cfg.num_warps, num_stages=1,
-                                   **launch_options(x.device))
-        return y
+        ws.check(m, n, grid[0] * m)
     _w8_gemv_kernel[grid](x, qweight.view(torch.int32), scales, y, ws.partials, ws.counters, m, n, k4, x.stride(0),
                           steps_per_split, split, BLOCK_N=cfg.block_n, BLOCK_C=block_c, FENCE=not interpreting(),
                           num_warps=cfg.num_warps, num_stages=1, **launch_options(x.device))

@@ -182,15 +182,6 @@ _GEMM_T_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int],
 _GEMV_SHAPES = {Precision.W4: ((128, 1), (256, 2), (512, 4), (256, 1, 2, 8), (128, 1, 2, 8), (512, 2, 2, 4),
                                (128, 2, 2, 16)),
                 Precision.W8: ((32, 4), (64, 4), (64, 8))}
-# Multi-row GEMVs (GemvConfig.block_m = the bucket: one program covers all M <= 8 rows of x for its columns and
-# reads each weight once): W4 (block_n, num_warps, stages, rows_step), W8 (block_n, num_warps).  No register spills
-# on sm_90 (CPU-side compile, float16, 16-byte aligned operands).
-_GEMV_ROWS_SHAPES = {Precision.W4: {2: ((64, 1, 2, 8), (128, 1, 2, 8), (32, 1, 2, 16)),
-                                    4: ((64, 1, 2, 8), (32, 1, 2, 16), (128, 1, 2, 4)),
-                                    8: ((32, 1, 2, 8), (64, 1, 2, 4))},
-                     Precision.W8: {2: ((32, 4), (64, 4)),
-                                    4: ((32, 4), (16, 4), (64, 8)),
-                                    8: ((16, 4), (32, 8))}}
 _W8_GEMV_STEP = 256  # input features per step of the W8 GEMV
 
 
@@ -219,11 +210,6 @@ def candidates(w: QuantWeight, m: int, num_sms: int) -> list[Path]:
             tiles = m * ((n + bn - 1) // bn)
             for s in _split_options("gemv", tiles, max_split, num_sms, m, n):
                 out.append(Path("gemv", GemvConfig(bn, warps, s, *pipelined)))
-    if m in _GEMV_ROWS_SHAPES[w.precision]:
-        max_split = k // w.group_size if w.precision is Precision.W4 else (k + _W8_GEMV_STEP - 1) // _W8_GEMV_STEP
-        for bn, warps, *pipelined in _GEMV_ROWS_SHAPES[w.precision][m]:
-            for s in _split_options("gemv", (n + bn - 1) // bn, max_split, num_sms, m, n):
-                out.append(Path("gemv", GemvConfig(bn, warps, s, *pipelined, block_m=m)))
     tiles_for_m = next((t for bound, t in _GEMM_TILES[w.precision] if m <= bound), None)
     if tiles_for_m is not None:
         block_k = 0
