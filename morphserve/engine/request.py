@@ -80,7 +80,7 @@ class Request:
         self.num_evicted_tokens = 0
         self.block_table: list[int] = []
         # Asynchronous steps (EngineConfig.async_steps): while the step that samples this request's next token is in
-        # flight, token_ids ends with a placeholder (a negative id, see morphserve.engine.engine.placeholder) that
+        # flight, token_ids ends with a placeholder (a negative id, see LLMEngine._step_async) that
         # the next step's input reads on the device; ``last_token_final`` says that token will end the request
         # (its length limit), so it is not scheduled again.
         self.last_token_final = False
