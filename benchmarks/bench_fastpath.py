@@ -71,6 +71,7 @@ TARGETS = {
 # --async-steps: EngineConfig.async_steps (None: the engine's default)
 ASYNC_STEPS = {"on": True, "off": False, "default": None}
 
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 

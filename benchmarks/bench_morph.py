@@ -45,6 +45,7 @@ TRANSITIONS = [(P.FP16, P.W8), (P.W8, P.W4), (P.W4, P.W8), (P.W8, P.FP16), (P.FP
 # --async-steps: EngineConfig.async_steps (None: the engine's default)
 ASYNC_STEPS = {"on": True, "off": False, "default": None}
 
+
 def pinned_h2d_gbps(nbytes: int = 1 << 30, reps: int = 10) -> float:
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -473,8 +474,8 @@ def worst_step_rows(res: dict, limit: float = 1.05) -> list[str]:
     rows = ["| model | batch | transition | layer | worst step / of | step | GPU | prepare | enqueue | after launch |",
             "|---|---|---|---|---|---|---|---|---|---|"]
 
-    def cell(xs: list[float], i: int) -> str:
-        return f"{xs[i]:.2f} ({statistics.median(xs):.2f})" if xs else "-"
+    def cell(xs: list[float], i: int) -> str:  # (asynchronous steps: a swap's last GPU time may be missing)
+        return f"{xs[i]:.2f} ({statistics.median(xs):.2f})" if i < len(xs) else "-"
 
     for m in res["models"]:
         for d in m["decode_during_swaps"]:
