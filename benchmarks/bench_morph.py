@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import morphserve.quant  # noqa: E402,F401  (registers W8/W4)
-from benchmarks.bench_fastpath import inject_decoding  # noqa: E402
+from benchmarks.bench_fastpath import ASYNC_STEPS, inject_decoding  # noqa: E402
 from morphserve.engine.config import ACTIVATION_RESERVE_BYTES, EngineConfig  # noqa: E402
 from morphserve.engine.engine import LLMEngine  # noqa: E402
 from morphserve.engine.morpher import advance_swaps  # noqa: E402
@@ -41,9 +41,6 @@ P = Precision
 L4_BUDGET = 24 * 10**9
 TRANSITIONS = [(P.FP16, P.W8), (P.W8, P.W4), (P.W4, P.W8), (P.W8, P.FP16), (P.FP16, P.W4), (P.W4, P.FP16)]
 
-
-# --async-steps: EngineConfig.async_steps (None: the engine's default)
-ASYNC_STEPS = {"on": True, "off": False, "default": None}
 
 
 def pinned_h2d_gbps(nbytes: int = 1 << 30, reps: int = 10) -> float:

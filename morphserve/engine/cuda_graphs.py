@@ -78,6 +78,7 @@ import numpy as np
 import torch
 
 from morphserve.engine.graph_composite import CompositeGraph, NotFlattenable, structure
+from morphserve.engine.sampler import feed_tokens
 from morphserve.memory.kv_pool import KVPool
 from morphserve.model.kernel_set import KernelSet
 from morphserve.model.llama import ForwardBatch, LlamaModel
@@ -458,8 +459,6 @@ class DecodeGraphs:
         self._upload_kernel(self.inputs[:n], self.pinned[:n])
         self._copied.record()
         if feed is not None:
-            from morphserve.engine.model_runner import feed_tokens
-
             feed_tokens(self._regions(b, self.inputs)[0][:s], feed)
 
     def run(self, hb: "HostBatch", hooks: "LayerHooks | None" = None,

@@ -218,14 +218,10 @@ class LLMEngine:
         if not sched.chunks:
             if self._morpher is not None:
                 self._morpher.after_step()
-            if self.scheduler.waiting and not self.scheduler.running and not sched.preempted:
-                raise RuntimeError(f"scheduler stalled: {self.scheduler.waiting[0]!r} cannot be admitted into an "
-                                   f"idle engine ({self.block_manager.num_free_blocks} free blocks)")
+            self._check_stalled(sched)
             return []
         start = self.clock()
-        for c in sched.chunks:
-            if c.request.metrics.first_scheduled_time is None:
-                c.request.metrics.first_scheduled_time = start
+        self._mark_scheduled(sched, start)
         sampling = [c.request for c in sched.chunks if c.samples]
         if self.kv_policy is not None:
             self.kv_policy.before_forward(sched)
@@ -239,12 +235,26 @@ class LLMEngine:
         for req, tok in zip(sampling, tokens):
             req.token_ids.append(tok)
             finished += self._accept(req, tok, now)
+        self._record_step(sched, start, now)
+        return finished
+
+    def _mark_scheduled(self, sched, now: float) -> None:
+        for c in sched.chunks:
+            if c.request.metrics.first_scheduled_time is None:
+                c.request.metrics.first_scheduled_time = now
+
+    def _record_step(self, sched, start: float, end: float) -> None:
         self._steps += 1
         self.step_stats.append(StepStats(
-            self._steps, start, now - start, sched.num_tokens, len(sched.chunks), len(sched.preempted),
+            self._steps, start, end - start, sched.num_tokens, len(sched.chunks), len(sched.preempted),
             len(self.scheduler.waiting), len(self.scheduler.running), self.block_manager.num_used,
             self.block_manager.num_total_blocks))
-        return finished
+
+    def _check_stalled(self, sched) -> None:
+        """Raise when nothing can run and nothing will change: waiting requests, none running, none preempted."""
+        if self.scheduler.waiting and not self.scheduler.running and not sched.preempted:
+            raise RuntimeError(f"scheduler stalled: {self.scheduler.waiting[0]!r} cannot be admitted into an "
+                               f"idle engine ({self.block_manager.num_free_blocks} free blocks)")
 
     # ---- asynchronous steps -----------------------------------------------------------------------------------
     def _step_async(self) -> list[RequestOutput]:
@@ -268,9 +278,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         inflight = None
         if sched.chunks:
-            for c in sched.chunks:
-                if c.request.metrics.first_scheduled_time is None:
-                    c.request.metrics.first_scheduled_time = start
+            self._mark_scheduled(sched, start)
             feed = self._inflight.tokens if self._inflight is not None else None
             inflight = self.runner.launch(sched, feed)
             for c in sched.chunks:
@@ -286,14 +294,9 @@ class LLMEngine:
                 req.last_token_final = (req.num_output_tokens >= req.params.max_tokens
                                         or req.num_tokens >= self.max_model_len)
             self._inflight = inflight
-            self._steps += 1
-            self.step_stats.append(StepStats(
-                self._steps, start, self.clock() - start, sched.num_tokens, len(sched.chunks), len(sched.preempted),
-                len(self.scheduler.waiting), len(self.scheduler.running), self.block_manager.num_used,
-                self.block_manager.num_total_blocks))
-        elif not finished and self.scheduler.waiting and not self.scheduler.running and not sched.preempted:
-            raise RuntimeError(f"scheduler stalled: {self.scheduler.waiting[0]!r} cannot be admitted into an "
-                               f"idle engine ({self.block_manager.num_free_blocks} free blocks)")
+            self._record_step(sched, start, self.clock())
+        elif not finished:
+            self._check_stalled(sched)
         return finished
 
     def _drain(self) -> list[RequestOutput]:

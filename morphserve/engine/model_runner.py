@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from morphserve.engine.cuda_graphs import DecodeGraphs
-from morphserve.engine.sampler import sample, sample_tensor
+from morphserve.engine.sampler import feed_tokens, sample, sample_tensor
 from morphserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from morphserve.memory.kv_pool import KVPool
 from morphserve.model.kernel_set import KernelSet
@@ -87,15 +87,6 @@ class HostBatch:
         samples = np.fromiter((c.samples for c in chunks), bool, s)
         return HostBatch(tokens, positions, slots, qs, starts - evicted + lens, tables, qs[1:][samples] - 1,
                          block_tables)
-
-
-def feed_tokens(tokens: torch.Tensor, feed: torch.Tensor) -> None:
-    """Replace the placeholders in a step's device input ``tokens`` in place: ``-(1 + r)`` stands for row ``r`` of
-    ``feed``, the tokens the step in flight samples (asynchronous steps; stream order makes them ready).  Device
-    operations only: nothing waits for the device."""
-    hole = tokens < 0
-    rows = (-tokens - 1).clamp_(0, feed.shape[0] - 1)
-    tokens.copy_(torch.where(hole, feed.index_select(0, rows), tokens))
 
 
 class InFlightTokens:

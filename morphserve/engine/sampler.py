@@ -1,4 +1,5 @@
-"""Next-token sampling: greedy (argmax, as transformers' greedy search) or temperature / top-k / top-p."""
+"""Next-token sampling: greedy (argmax, as transformers' greedy search) or temperature / top-k / top-p; and feeding
+sampled tokens still on the device into the next step's input (asynchronous steps)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,12 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
     if gen is not None and gen.device != probs.device:
         probs = probs.to(gen.device)
     return torch.multinomial(probs, 1, generator=gen)[0]
+
+
+def feed_tokens(tokens: torch.Tensor, feed: torch.Tensor) -> None:
+    """Replace the placeholders in a step's device input ``tokens`` in place: ``-(1 + r)`` stands for row ``r`` of
+    ``feed``, the tokens the step in flight samples (asynchronous steps; stream order makes them ready).  Device
+    operations only: nothing waits for the device."""
+    hole = tokens < 0
+    rows = (-tokens - 1).clamp_(0, feed.shape[0] - 1)
+    tokens.copy_(torch.where(hole, feed.index_select(0, rows), tokens))

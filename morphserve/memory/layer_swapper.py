@@ -173,11 +173,12 @@ class LayerSwapper:
         :data:`COPY_CHUNK_BYTES`; None: a swap's copies are enqueued at its request).  Pacing spreads a copy's
         cost to the steps it overlaps (on an H200 a copy running through a batch-1 step slowed its GEMVs by 5-6%)
         over more steps, at the price of the swap's latency; it lowered a swap's mean step but measured no
-        consistent gain in its worst step (BENCHMARKS.md, sixth and seventh swap-step campaigns), so the systems
-        leave it off.  ``staged_only`` (with ``scratch``): a swap that finds too few free scratch blocks is not
-        queued (:meth:`request` returns None; the caller asks again in a later step) instead of falling back to
-        the in-place path, whose steps run the per-layer graphs (1.13-1.23x a no-swap step at batch 8-32 on an
-        H200, against <= 1.05x staged; BENCHMARKS.md, issue 5)."""
+        consistent gain in its worst step (BENCHMARKS.md, sixth and seventh swap-step campaigns); with flat
+        composites it kept batch-1 swaps within 1.05x where unpaced ones were not (eighth), so every mode paces at
+        16 MiB.  ``staged_only`` (with ``scratch``): a swap that finds too few free scratch blocks is not queued
+        (:meth:`request` returns None; the caller asks again in a later step) instead of falling back to the
+        in-place path, whose steps run the per-layer graphs (1.13-1.23x a no-swap step at batch 8-32 on an H200,
+        against <= 1.05x staged; BENCHMARKS.md, issue 5)."""
         if staged_only and scratch is None:
             raise ValueError("staged_only needs scratch blocks to stage swaps in")
         self.staged_only = staged_only
