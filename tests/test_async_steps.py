@@ -16,7 +16,8 @@ def _engine(path, async_steps, **kw):
     return LLMEngine(EngineConfig(model=str(path), async_steps=async_steps, **kw))
 
 
-@pytest.mark.parametrize("kw", [{}, {"max_num_batched_tokens": 16}, {"num_kv_blocks": 24, "max_num_batched_tokens": 64}],
+@pytest.mark.parametrize("kw", [{}, {"max_num_batched_tokens": 16},
+                                {"num_kv_blocks": 24, "max_num_batched_tokens": 64}],
                          ids=["batched", "chunked", "preemption"])
 def test_async_greedy_parity_with_transformers(tiny_checkpoint, kw):
     engine = _engine(tiny_checkpoint, True, **kw)
