@@ -466,20 +466,13 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {r['batch']} | {r['context']} | {ms(r['step_wall_s'])} | {ms(r['step_gpu_s'])} | "
                          f"{ms(r['floor_s'])} | {ratio(r['wall_over_floor'])} | {ratio(r['gpu_over_floor'])} | "
                          f"{ms(r['host_overhead_s'], 3)} | {r['tokens_per_s']:.0f} |")
-        main = {r["batch"]: r for r in m["decode"] if "skipped" not in r}
-        for key, what, col in (("decode_without_pdl", "Programmatic dependent launch (PDL) on and off", "PDL"),
-                               ("decode_unfused", "Elementwise kernels folded into the projections and separate",
-                                "folded")):
-            if key not in m:
-                continue
-            lines += ["", f"{what} (graphs recaptured):", "",
-                      f"| batch | step GPU with {col} (ms) | without (ms) | wall with (ms) | without (ms) |",
-                      "|---|---|---|---|---|"]
-            for r in m[key]:
-                if "skipped" not in r and r["batch"] in main:
-                    a = main[r["batch"]]
-                    lines.append(f"| {r['batch']} | {ms(a['step_gpu_s'])} | {ms(r['step_gpu_s'])} | "
-                                 f"{ms(a['step_wall_s'])} | {ms(r['step_wall_s'])} |")
+        if "decode_without_pdl" in m:
+            with_pdl = {r["batch"]: r for r in m["decode"] if "skipped" not in r}
+            lines += ["", "Programmatic dependent launch (PDL) on and off (graphs recaptured):", "",
+                      "| batch | step GPU with PDL (ms) | without (ms) |", "|---|---|---|"]
+            for r in m["decode_without_pdl"]:
+                if "skipped" not in r and r["batch"] in with_pdl:
+                    lines.append(f"| {r['batch']} | {ms(with_pdl[r['batch']]['step_gpu_s'])} | {ms(r['step_gpu_s'])} |")
         if isinstance(m.get("profile"), list):
             for pr in m["profile"]:
                 lines += ["", f"Kernels of one decode step at batch {pr['batch']} (torch.profiler, graph replay): "
@@ -728,15 +721,6 @@ def main(argv: list[str] | None = None) -> int:
                                                            rng)
                 finally:
                     set_pdl(None)
-                    engine.runner.graphs.clear()
-            ks = engine.runner.kernels
-            if getattr(ks, "fuse_projections", False):  # the same steps with the separate elementwise kernels
-                ks.fuse_projections = False
-                engine.runner.graphs.clear()
-                try:
-                    m["decode_unfused"] = decode_sweep(engine, [1, 64], args.decode_context, args.reps, 3, bw, rng)
-                finally:
-                    ks.fuse_projections = True
                     engine.runner.graphs.clear()
             save()
         m["prefill"] = prefill_sweep(engine, args.prefill, 3 if args.smoke else 5, peak, rng)

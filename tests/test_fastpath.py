@@ -224,52 +224,6 @@ def test_prefill_tile_map_travels_in_the_packed_upload(tiny_gqa, monkeypatch):
         runner.upload(hb)
 
 
-def test_fused_projections_replace_the_elementwise_kernels(tiny_gqa, monkeypatch):
-    """At float16 and small M, an FP16 layer of the Triton set folds its RMSNorms, residual adds and SiLU-and-mul
-    into its projections (kernels/gemv.py prologues and epilogue): no separate norm or SiLU kernel runs for the
-    layers (the final norm still does), and the logits agree with the unfused Triton layers and with the reference
-    kernels to float16 rounding.  Above the GEMV's M (a 20-token prefill), or with the folding turned off, the
-    layers run the separate kernels; quantized layers never fold."""
-    from morphserve.memory.weight_arena import LayerWeights, Precision
-
-    dev = "cuda" if CUDA else "cpu"
-    eng = LLMEngine(EngineConfig(model=str(tiny_gqa), device=dev, dtype="float16"), kernels="triton")
-    runner, ks, bs, layers = eng.runner, eng.model.kernels, eng.config.block_size, eng.model_config.num_layers
-    calls = {"norm": 0, "silu": 0}
-    for name, key in (("rms_norm", "norm"), ("add_rms_norm", "norm"), ("silu_and_mul", "silu")):
-        real = getattr(ks, name)
-        monkeypatch.setattr(ks, name, lambda *a, _r=real, _k=key: calls.__setitem__(_k, calls[_k] + 1) or _r(*a))
-
-    def logits(lens, kernels, fuse=True):
-        chunks = []
-        for i, n in enumerate(lens):
-            req = Request(str(i), list(range(3, 3 + n)), SamplingParams(), 0.0)
-            req.block_table = eng.block_manager.allocate(-(-n // bs))
-            chunks.append(ScheduledChunk(req, n))
-        calls.update(norm=0, silu=0)
-        ks.fuse_projections = fuse
-        runner.kernels = kernels
-        try:
-            out = eng.model.forward(runner.upload(HostBatch.from_chunks(chunks, bs)), eng.pool, kernels).float()
-        finally:
-            runner.kernels, ks.fuse_projections = eng.model.kernels, True
-            for c in chunks:
-                eng.block_manager.free_blocks(c.request.block_table)
-        return out, dict(calls)
-
-    small = (3, 5)  # 8 rows: every projection takes the Triton GEMV
-    fused, n_fused = logits(small, ks)
-    unfused, n_unfused = logits(small, ks, fuse=False)
-    want, _ = logits(small, ReferenceKernels())
-    assert n_fused == {"norm": 1, "silu": 0}
-    assert n_unfused == {"norm": 2 * layers + 1, "silu": layers}
-    scale = want.abs().max().item()
-    assert (fused - unfused).abs().max().item() <= 1e-2 * scale
-    assert (fused - want).abs().max().item() <= 1e-2 * scale
-    assert logits((20,), ks)[1] == {"norm": 2 * layers + 1, "silu": layers}  # 20 rows: cuBLAS, no folding
-    assert not ks.fuses_layer(LayerWeights(0, Precision.W8, {}), 1)
-
-
 # ---- near-tie analysis ------------------------------------------------------------------------------------------
 def test_first_divergence():
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None

@@ -120,47 +120,6 @@ def test_gemv_and_linear_write_into_out(m):
         linear(x.view(1, m, 64), lw, "o", out=torch.empty(m, 48, dtype=dtype, device=DEV))
 
 
-@pytest.mark.parametrize("m,k", [(1, 256), (1, 200), (16, 200)])  # FMA and tensor-core paths, even and ragged K
-def test_gemv_fused_prologues_and_epilogue(m, k):
-    """The GEMV with the elementwise kernels folded in (RMSNorm of ``x + x2`` or SiLU-and-mul before the product, a
-    residual sum after it; with and without split-K, whose reduction kernel applies the epilogue) against the
-    reference kernels composed with ``F.linear``; the epilogue may write over one of its own inputs."""
-    dtype, n = torch.float16, 48
-    x, x2, nw = _rand(m, k, dtype=dtype), _rand(m, k, dtype=dtype), _rand(k, dtype=dtype)
-    w, gu = (_rand(n, k, dtype=torch.float32) / 8).to(dtype), _rand(m, 2 * k, dtype=dtype)
-    e, e2 = _rand(m, n, dtype=dtype), _rand(m, n, dtype=dtype)
-    bm = 1 if m == 1 else 16
-    options = [dict(norm_weight=nw, eps=1e-5), dict(norm_weight=nw, eps=1e-5, x2=x2), dict(silu=True),
-               dict(norm_weight=nw, eps=1e-5, x2=x2, add=e, add2=e2), dict(silu=True, add=e)]
-    for cfg in [GemvConfig(bm, 16, 64, 4, 1), GemvConfig(bm, 16, 32, 4, 1, split_k=4)]:
-        for kw in options:
-            xi = gu if kw.get("silu") else x
-            got, want = gemv(xi, w, cfg, **kw), G.reference_gemv(xi, w, **kw)
-            err = (got.float() - want.float()).abs().max().item()
-            assert err <= 2e-3 * want.float().abs().max().item() + 1e-2, (cfg, sorted(kw), err)
-        dst = e.clone()  # in place: out is the epilogue's own input
-        got = gemv(x, w, cfg, out=dst, add=dst, add2=e2)
-        assert got.data_ptr() == dst.data_ptr()
-        assert (got.float() - G.reference_gemv(x, w, add=e, add2=e2).float()).abs().max().item() < 2e-2
-
-
-def test_gemv_fused_options_are_checked():
-    dtype = torch.float16
-    x, w = _rand(2, 64, dtype=dtype), _rand(16, 64, dtype=dtype)
-    with pytest.raises(ValueError, match=r"silu: x holds \[gate \| up\]"):
-        gemv(x, w, silu=True)
-    with pytest.raises(ValueError, match="one prologue"):
-        gemv(_rand(2, 128, dtype=dtype), w, silu=True, norm_weight=_rand(64, dtype=dtype))
-    with pytest.raises(ValueError, match="x2 needs norm_weight"):
-        gemv(x, w, x2=x)
-    with pytest.raises(ValueError, match=r"norm_weight \(32,\) torch.float16 does not match K=64"):
-        gemv(x, w, norm_weight=_rand(32, dtype=dtype))
-    with pytest.raises(ValueError, match=r"add must be a contiguous \[2, 16\]"):
-        gemv(x, w, add=_rand(2, 8, dtype=dtype))
-    with pytest.raises(ValueError, match="add2 needs add"):
-        gemv(x, w, add2=_rand(2, 16, dtype=dtype))
-
-
 def test_gemv_candidates_are_valid_and_bad_configs_rejected():
     assert set(CANDIDATES) == set(G.TUNED_MS)
     assert all(c.block_m == 1 for c in CANDIDATES[1]) and all(c.block_m >= 16 for c in CANDIDATES[16])

@@ -14,9 +14,6 @@ projections            ``linear()`` -> ``F.linear``                 ``linear()``
 LM head                ``F.linear``                                 Triton GEMV at small M, else ``F.linear``
 =====================  ===========================================  ==============================================
 
-In FP16 layers at small batch the Triton set folds RMSNorm, the residual adds and SiLU-and-mul into the GEMV that
-follows or precedes them (:meth:`KernelSet.fuses_layer`; same roundings, 7 kernels per decoder layer instead of 10).
-
 Projections always go through :func:`morphserve.model.linear.linear` (the precision dispatch); the Triton set
 only opens the :func:`morphserve.kernels.gemv.enabled` scope around the forward, in which the FP16 kernel takes
 the Triton path for small batches.
@@ -44,7 +41,6 @@ import torch.nn.functional as F
 from morphserve.kernels import reference as ref
 from morphserve.kernels.triton_support import interpreting, triton_usable
 from morphserve.memory.kv_pool import KVPool
-from morphserve.memory.weight_arena import LayerWeights, Precision
 
 if TYPE_CHECKING:
     from morphserve.model.llama import ForwardBatch, LlamaModel
@@ -92,27 +88,6 @@ class KernelSet(ABC):
     @abstractmethod
     def lm_head(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """float32 logits ``h @ weight.T``."""
-
-    # ---- projections with the elementwise kernels folded in (optional) --------------------------------------
-    def fuses_layer(self, lw: LayerWeights, m: int) -> bool:
-        """Whether layer ``lw``'s forward on ``m`` rows folds the norms, the residual adds and SiLU-and-mul into its
-        projections (:meth:`norm_linear`, :meth:`linear_add`, :meth:`silu_linear`).  Default: never."""
-        return False
-
-    def norm_linear(self, x: torch.Tensor, x2: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                    lw: LayerWeights, name: str) -> torch.Tensor:
-        """``rms_norm(x + x2, weight, eps) @ W[name].T`` (``x2`` may be None); nothing is written back."""
-        raise NotImplementedError(f"the {self.name} kernel set does not fuse projections")
-
-    def linear_add(self, a: torch.Tensor, lw: LayerWeights, name: str, x: torch.Tensor,
-                   residual: torch.Tensor | None) -> torch.Tensor:
-        """``a @ W[name].T + (x + residual)`` written into ``residual`` (into ``x`` when it is None); returns it."""
-        raise NotImplementedError(f"the {self.name} kernel set does not fuse projections")
-
-    def silu_linear(self, gate_up: torch.Tensor, lw: LayerWeights, name: str,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-        """``silu_and_mul(gate_up) @ W[name].T`` (into ``out`` when given)."""
-        raise NotImplementedError(f"the {self.name} kernel set does not fuse projections")
 
 
 @dataclass
@@ -182,11 +157,8 @@ class TritonKernels(KernelSet):
     """The Triton kernels (compiled on CUDA; under the interpreter on CPU, for tests)."""
 
     name = "triton"
-    FUSED_PROJECTIONS = ("qkv", "o", "gate_up", "down")
 
-    def __init__(self, device: torch.device | str, fuse_projections: bool = True):
-        """``fuse_projections``: fold the elementwise kernels into the FP16 projections where every projection of
-        the layer takes the Triton GEMV (see :meth:`fuses_layer`); off to measure what the folding is worth."""
+    def __init__(self, device: torch.device | str):
         device = torch.device(device)
         if not triton_usable(device):
             hint = ("CUDA tensors need compiled kernels: unset TRITON_INTERPRET" if device.type == "cuda" else
@@ -200,7 +172,6 @@ class TritonKernels(KernelSet):
         self._activation, self._attention, self._gemv = activation, attention, gemv
         self._kv_store, self._norm = kv_store, norm
         self.device = device
-        self.fuse_projections = fuse_projections
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 4)
         self._addr: dict[int, Any] = {}
@@ -268,23 +239,6 @@ class TritonKernels(KernelSet):
 
     def lm_head(self, h, weight):
         return self._gemv.matmul(h, weight).float()
-
-    def fuses_layer(self, lw, m):
-        """FP16 layers whose four projections all take the Triton GEMV at ``m`` rows (the kernel's prologues and
-        epilogue, :func:`morphserve.kernels.gemv.gemv`): a decode step at small batch then runs 7 kernels per
-        layer instead of 10.  Quantized layers and cuBLAS-routed products run the separate kernels."""
-        return (self.fuse_projections and lw.precision is Precision.FP16
-                and all(self._gemv.routes(m, lw.tensors[n]) for n in self.FUSED_PROJECTIONS))
-
-    def norm_linear(self, x, x2, weight, eps, lw, name):
-        return self._gemv.gemv(x, lw.tensors[name], norm_weight=weight, eps=eps, x2=x2)
-
-    def linear_add(self, a, lw, name, x, residual):
-        dst = x if residual is None else residual
-        return self._gemv.gemv(a, lw.tensors[name], out=dst, add=x, add2=residual)
-
-    def silu_linear(self, gate_up, lw, name, out=None):
-        return self._gemv.gemv(gate_up, lw.tensors[name], out=out, silu=True)
 
 
 KERNEL_SETS = ("reference", "triton")

@@ -148,15 +148,6 @@ class LlamaModel:
         the layers through this, and so does the per-layer CUDA-graph runner (:mod:`morphserve.engine.cuda_graphs`)."""
         eps = self.cfg.rms_norm_eps
         lw = self.arena.layers[i]
-        if ks.fuses_layer(lw, x.shape[0]):
-            # the same computation with the elementwise kernels folded into the projections: the residual add and
-            # input norm into qkv's prologue (nothing written), both residual adds into o's epilogue (the residual
-            # stream written once), the post norm into gate_up's prologue and SiLU-and-mul into down's
-            qkv = ks.norm_linear(x, residual, lw["input_norm"], eps, lw, "qkv")
-            q = ks.rope_and_store(qkv, state, pool, lw.index)
-            residual = ks.linear_add(ks.attention(q, state, pool, lw.index), lw, "o", x, residual)
-            gate_up = ks.norm_linear(residual, None, lw["post_norm"], eps, lw, "gate_up")
-            return ks.silu_linear(gate_up, lw, "down", out), residual
         if residual is None:
             residual, h = x, ks.rms_norm(x, lw["input_norm"], eps)
         else:
