@@ -81,7 +81,9 @@ def test_silu_and_mul(dtype):
 
 @pytest.mark.parametrize("m", [1, 3, 16, 40])
 @pytest.mark.parametrize("k", [256, 200])  # even and ragged K
-def test_gemv_matches_f_linear(m, k):
+@pytest.mark.parametrize("prefetch", [True, False])  # M = 1: first weight chunk loaded before the PDL wait, or not
+def test_gemv_matches_f_linear(m, k, prefetch, monkeypatch):
+    monkeypatch.setattr(G, "PREFETCH_FIRST_CHUNK", prefetch)
     dtype = torch.float16
     x, w = _rand(m, k, dtype=dtype), _rand(48, k, dtype=dtype)
     want = x.float() @ w.float().T

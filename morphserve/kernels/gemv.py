@@ -14,6 +14,13 @@ along K in ``BLOCK_K`` chunks, evicting them from L2 first (they are read once p
 * **Split-K** (``split_k > 1``): K is cut into ``split_k`` ranges handled by separate programs, which write float32
   partial sums; a second small kernel adds them and rounds.  Narrow outputs (N = 4096: the ``o`` and ``down``
   projections of 7B/8B models) otherwise leave too few programs to keep every multiprocessor streaming.
+* **Weight prefetch** (``M == 1``, :data:`PREFETCH_FIRST_CHUNK`): under programmatic dependent launch a program
+  may start while the previous kernel is still finishing; it issues the load of its first weight chunk *before*
+  ``pdl_wait`` and only the activation load after it, so that fetch overlaps the previous kernel's tail.  This is
+  safe because weights are never written by the kernel just before: every kernel of this package triggers its
+  dependents only after its own ``pdl_wait``, so when a GEMV program starts, all stream work two launches back has
+  completed, and weight bytes change only through copies (swaps), which are not programmatic launches and therefore
+  serialize fully.
 
 **Configurations.**  :func:`gemv_config` answers from the tuning table when one was loaded for this device
 (:func:`load_tuning`; ``benchmarks/bench_fastpath.py --tune-gemv`` measures :data:`CANDIDATES` against cuBLAS on
@@ -49,6 +56,9 @@ from morphserve.model.linear import dense_linear, output_buffer, register_linear
 MAX_M = 16
 TUNING_FILE = Path(__file__).with_name("gemv_tuning.json")
 TUNED_MS = (1, 4, 8, 16, 32, 64)  # the M values a tuning table holds (an M uses the smallest tuned M >= it)
+
+# Load each program's first weight chunk before waiting for the previous kernel (M = 1 path; see the docstring).
+PREFETCH_FIRST_CHUNK = True
 
 _ENABLED: ContextVar[bool] = ContextVar("morphserve_triton_linear", default=False)
 
@@ -162,11 +172,27 @@ def gemv_config(m: int, n: int, k: int) -> GemvConfig:
 
 
 # ---- kernels --------------------------------------------------------------------------------------------------
+@triton.jit
+def _gemv_tile(w_ptrs, x_ptrs, acc, k0, k_hi, rk, nmask, mmask, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """``acc`` plus one ``BLOCK_K`` chunk of the product (columns ``k0:k0 + BLOCK_K``, masked at ``k_hi``)."""
+    if EVEN_K:
+        w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0, eviction_policy="evict_last")
+    else:
+        kmask = (k0 + rk) < k_hi
+        w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_last")
+    if BLOCK_M == 1:
+        acc += w.to(tl.float32) * x.to(tl.float32)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])  # M (rows) changes step by step; it only bounds masks: one variant for all
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_wait(USE_PDL)
+                 SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -183,18 +209,23 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, s
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0, eviction_policy="evict_last")
-        else:
-            kmask = (k0 + rk) < k_hi
-            w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_last")
+    k_start = k_lo
+    if PREFETCH:  # the first weight chunk is loaded before the wait (module docstring, "Weight prefetch")
+        kmask0 = (k_lo + rk) < k_hi
+        w0 = tl.load(w_ptrs, mask=nmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_first")
+        pdl_wait(USE_PDL)
+        x0 = tl.load(x_ptrs, mask=mmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_last")
         if BLOCK_M == 1:
-            acc += w.to(tl.float32) * x.to(tl.float32)
+            acc += w0.to(tl.float32) * x0.to(tl.float32)
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x0, tl.trans(w0), acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        k_start = k_lo + BLOCK_K
+    else:
+        pdl_wait(USE_PDL)
+    for k0 in range(k_start, k_hi, BLOCK_K):
+        acc = _gemv_tile(w_ptrs, x_ptrs, acc, k0, k_hi, rk, nmask, mmask, BLOCK_M, EVEN_K)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     pdl_trigger(USE_PDL)
@@ -251,7 +282,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None,
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     _gemv_kernel[grid](x, w, y, part, m, n, k, x.stride(0), w.stride(0), y.stride(0), k_per_split,
                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                       EVEN_K=k_per_split * split == k, SPLIT_K=split, num_warps=cfg.num_warps,
+                       EVEN_K=k_per_split * split == k, SPLIT_K=split,
+                       PREFETCH=PREFETCH_FIRST_CHUNK and cfg.block_m == 1, num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages, **opts)
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
