@@ -19,7 +19,8 @@ Everything is measured in the same process, so every ratio compares numbers from
    * **prefill** of one sequence of 512..4096 tokens in one step: achieved FLOP/s (projections, LM head for the
      sampled row, causal attention) against the measured matmul rate.
    * **offline throughput**: 64 requests of 512 random prompt tokens + 256 output tokens (``ignore_eos``), through
-     the engine's scheduler; with per-step host overhead (step wall time minus the forward's GPU time).
+     the engine's scheduler; with per-step host overhead (step wall time minus the forward's GPU time).  With
+     ``--offline-sampled``, the same workload again with temperature / top-p sampling (:data:`SAMPLED`).
    * **HF transformers** (``--hf``): ``LlamaForCausalLM`` of the same shapes, random float16 weights built on the
      GPU, ``generate_batch`` (continuous batching, paged SDPA) on the same 64 requests, EOS disabled.
 
@@ -70,6 +71,8 @@ TARGETS = {
 
 # --async-steps: EngineConfig.async_steps (None: the engine's default)
 ASYNC_STEPS = {"on": True, "off": False, "default": None}
+# --offline-sampled: the offline workload again with these sampling parameters (each request seeded by its id)
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}
 
 
 def median(xs: list[float]) -> float:
@@ -314,9 +317,10 @@ def profile_decode(engine: LLMEngine, batch: int, context: int, rng: np.random.G
             "launches_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:25]}
 
 
-def offline(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
-    """The workload through the engine's scheduler, after a short warm-up with the same prompts (8 requests, 16
-    output tokens), so that one-time costs (Triton compiles for new argument specialisations of mixed prefill and
+def offline(engine: LLMEngine, prompts: list[list[int]], output_len: int,
+            sampled: bool = False) -> dict[str, Any]:
+    """The workload through the engine's scheduler (greedy, or with ``sampled`` :data:`SAMPLED` parameters), after
+    a short warm-up with the same prompts (8 requests, 16 output tokens), so that one-time costs (Triton compiles for new argument specialisations of mixed prefill and
     decode steps, graph captures) stay out of the measurement; the warm heap is then frozen as a server's is
     (:meth:`LLMEngine.warmed_up`, released when the engine is closed)."""
     dev = engine.device
@@ -327,7 +331,7 @@ def offline(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dic
     # The engine's own warm-up-then-freeze (morphserve.engine.heap_freeze): a full collection otherwise walks the
     # whole heap (measured: a 314 ms generation-2 collection inside one step on an H200, 2026-12-02).
     engine.warmed_up()
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, **(SAMPLED if sampled else {"temperature": 0.0}))
     engine.runner.timing = timing = StepTiming()
     walls, seqs, tokens, timed = [], [], [], []
     # What a slow step spent its time on: Triton kernels compiled (or loaded from the disk cache) during the run,
@@ -490,6 +494,10 @@ def markdown(res: dict[str, Any]) -> str:
                   f"{o['output_tokens'] // o['requests']} output) tokens:", "",
                   "| system | wall (s) | output tokens/s |", "|---|---|---|",
                   f"| MorphServe (this engine) | {o['wall_s']:.2f} | {o['output_tokens_per_s']:.0f} |"]
+        if "offline_sampled" in m:
+            so = m["offline_sampled"]
+            lines.append(f"| MorphServe, sampled (temperature {SAMPLED['temperature']}, top-p {SAMPLED['top_p']}) "
+                         f"| {so['wall_s']:.2f} | {so['output_tokens_per_s']:.0f} |")
         if "hf" in m:
             h = m["hf"]
             lines.append(f"| HF transformers {h['transformers']} `generate_batch`, first request in to last "
@@ -567,7 +575,7 @@ def run_isolated(args: argparse.Namespace, models: list[str], hf_models: list[st
     if args.tune_gemv:
         raise SystemExit("--tune-gemv tunes over all models in one process: add --no-isolate")
     common += ["--smoke"] if args.smoke else []
-    common += ["--async-steps", args.async_steps]
+    common += ["--async-steps", args.async_steps] + (["--offline-sampled"] if args.offline_sampled else [])
     parts = [("engine", m) for m in models] + [("hf", m) for m in hf_models]
     res: dict[str, Any] | None = None
     failures = []
@@ -627,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="asynchronous steps (EngineConfig.async_steps: each step is launched before the previous "
                          "step's tokens are read back; a step's wall is then the period between steps): on, off, or "
                          "the engine's default (on with CUDA graphs)")
+    ap.add_argument("--offline-sampled", action="store_true",
+                    help="run the offline workload a second time with sampling (temperature 0.8, top-p 0.95)")
     ap.add_argument("--smoke", action="store_true", help="tiny shrunken models: checks the script, not the speed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, required=True)
@@ -730,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
             engine.runner.graphs.capture_all()
         m["offline"] = offline(engine, prompts, args.output_len)
         save()
+        if args.offline_sampled:
+            m["offline_sampled"] = offline(engine, prompts, args.output_len, sampled=True)
+            save()
         print(json.dumps({name: {"decode": [(r["batch"], round(r.get("wall_over_floor", 0), 3)) for r in m["decode"]],
                                  "prefill": [(r["tokens"], round(r["fraction_of_matmul_peak"], 3))
                                              for r in m["prefill"]],

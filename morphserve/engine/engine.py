@@ -167,7 +167,7 @@ class LLMEngine:
             raise RequestError(f"duplicate request id {request_id!r}")
         ids = self.validate(prompt, params)
         req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
-                      prompt=prompt if isinstance(prompt, str) else None)
+                      prompt=prompt if isinstance(prompt, str) else None, device=self.device)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id

@@ -18,32 +18,58 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
 
 def sample_tensor(logits: torch.Tensor, params: list[SamplingParams],
                   generators: list[torch.Generator | None]) -> torch.Tensor:
-    """:func:`sample` without reading the tokens back: int64 ``[S]`` on the logits' device.  Greedy rows never
-    synchronise with the device; a sampled row whose generator lives on another device does."""
+    """:func:`sample` without reading the tokens back: int64 ``[S]`` on the logits' device.
+
+    Nothing here waits for the device when every generator lives on the logits' device (the engine creates them
+    there): greedy rows are one argmax; the sampled rows are processed together, so a step costs a fixed number of
+    launches plus one noise draw per sampled row, whatever the batch.  Each sampled row draws from
+    ``softmax(logits / temperature)`` restricted to its top-k tokens (ties at the k-th value kept) and then to the
+    smallest prefix, in decreasing probability, whose mass reaches top-p (the first token always kept), by the
+    exponential race: ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)`` from the row's own generator, which picks ``i``
+    with probability ``p_i``.  A row's draw therefore depends only on its logits and its generator, never on the
+    other rows of the batch."""
     out = logits.argmax(dim=-1)
-    for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.greedy:
-            continue
-        out[row] = _sample_row(logits[row], p, gen)
-    return out
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return out
+    dev, vocab = logits.device, logits.shape[-1]
+    sub = [params[i] for i in rows]
+    index = None if len(rows) == len(params) else _on(rows, torch.int64, dev)
+    x = (logits if index is None else logits.index_select(0, index)).float()
+    x = x / _on([p.temperature for p in sub], torch.float32, dev)[:, None]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in sub]
+    top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in sub]
+    if min(top_k) < vocab or min(top_p) < 1.0:
+        xs, order = torch.sort(x, dim=-1, descending=True)
+        if min(top_k) < vocab:
+            kth = xs.gather(1, _on(top_k, torch.int64, dev)[:, None] - 1)
+            xs = xs.masked_fill(xs < kth, float("-inf"))
+        if min(top_p) < 1.0:
+            probs = xs.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= _on(top_p, torch.float32, dev)[:, None]
+            xs = xs.masked_fill(drop, float("-inf"))
+        x = torch.empty_like(xs).scatter_(1, order, xs)  # back to vocabulary order: the race runs there
+    noise = torch.stack([_exponential(vocab, dev, g) for g in (generators[i] for i in rows)])
+    tok = (x.softmax(-1) / noise).argmax(-1)
+    return tok if index is None else out.index_copy_(0, index, tok)
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    x = logits / p.temperature
-    if p.top_k:
-        kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_x, idx = torch.sort(x, descending=True)
-        probs = sorted_x.softmax(-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
-        drop = probs.cumsum(-1) - probs >= p.top_p
-        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(0, idx, sorted_x)
-    probs = x.softmax(-1)
-    if gen is not None and gen.device != probs.device:
-        probs = probs.to(gen.device)
-    return torch.multinomial(probs, 1, generator=gen)[0]
+def _on(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``.  On CUDA it goes through pinned memory with a non-blocking
+    copy: a blocking copy from pageable memory would wait for the whole stream (the step still running)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _exponential(n: int, device: torch.device, gen: torch.Generator | None) -> torch.Tensor:
+    """``n`` draws of Exp(1) from ``gen`` (the default generator if None), on ``device``, never zero.  A generator
+    on the host draws there and the draws are copied through pinned memory (no wait for the device either way)."""
+    where = gen.device if gen is not None else device
+    e = torch.empty(n, dtype=torch.float32, device=where).exponential_(generator=gen)
+    e.clamp_min_(torch.finfo(torch.float32).tiny)
+    if where.type == device.type:
+        return e
+    return e.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else e.to(device)
 
 
 def feed_tokens(tokens: torch.Tensor, feed: torch.Tensor) -> None:
