@@ -320,9 +320,10 @@ def profile_decode(engine: LLMEngine, batch: int, context: int, rng: np.random.G
 def offline(engine: LLMEngine, prompts: list[list[int]], output_len: int,
             sampled: bool = False) -> dict[str, Any]:
     """The workload through the engine's scheduler (greedy, or with ``sampled`` :data:`SAMPLED` parameters), after
-    a short warm-up with the same prompts (8 requests, 16 output tokens), so that one-time costs (Triton compiles for new argument specialisations of mixed prefill and
-    decode steps, graph captures) stay out of the measurement; the warm heap is then frozen as a server's is
-    (:meth:`LLMEngine.warmed_up`, released when the engine is closed)."""
+    a short warm-up with the same prompts (8 requests, 16 output tokens), so that one-time costs (Triton compiles
+    for new argument specialisations of mixed prefill and decode steps, graph captures) stay out of the
+    measurement; the warm heap is then frozen as a server's is (:meth:`LLMEngine.warmed_up`, released when the
+    engine is closed)."""
     dev = engine.device
     warm = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     for p in prompts[:8]:
