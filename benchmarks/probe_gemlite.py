@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,6 @@ from typing import Any, Callable
 
 import torch
 
-import morphserve.quant  # noqa: F401  (registers the W8/W4 layouts and the dispatch)
 from morphserve.memory.weight_arena import Precision
 from morphserve.model.config import architecture
 from morphserve.provenance import provenance
@@ -155,5 +153,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

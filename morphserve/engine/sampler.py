@@ -55,21 +55,23 @@ def sample_tensor(logits: torch.Tensor, params: list[SamplingParams],
 
 
 def _on(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on ``device``.  On CUDA it goes through pinned memory with a non-blocking
-    copy: a blocking copy from pageable memory would wait for the whole stream (the step still running)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    """A small host list as a tensor on ``device`` (see :func:`_to`)."""
+    return _to(torch.tensor(values, dtype=dtype), device)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``.  A host tensor goes to CUDA through pinned memory with a non-blocking copy: a blocking
+    copy from pageable memory would wait for the whole stream (the step still running)."""
+    if t.device.type == device.type:
+        return t
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _exponential(n: int, device: torch.device, gen: torch.Generator | None) -> torch.Tensor:
     """``n`` draws of Exp(1) from ``gen`` (the default generator if None), on ``device``, never zero.  A generator
-    on the host draws there and the draws are copied through pinned memory (no wait for the device either way)."""
-    where = gen.device if gen is not None else device
-    e = torch.empty(n, dtype=torch.float32, device=where).exponential_(generator=gen)
-    e.clamp_min_(torch.finfo(torch.float32).tiny)
-    if where.type == device.type:
-        return e
-    return e.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else e.to(device)
+    on the host draws there (no wait for the device either way)."""
+    e = torch.empty(n, dtype=torch.float32, device=gen.device if gen is not None else device)
+    return _to(e.exponential_(generator=gen).clamp_min_(torch.finfo(torch.float32).tiny), device)
 
 
 def feed_tokens(tokens: torch.Tensor, feed: torch.Tensor) -> None:

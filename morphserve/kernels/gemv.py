@@ -173,6 +173,16 @@ def gemv_config(m: int, n: int, k: int) -> GemvConfig:
 
 # ---- kernels --------------------------------------------------------------------------------------------------
 @triton.jit
+def _gemv_acc(acc, w, x, BLOCK_M: tl.constexpr):
+    """``acc`` plus the product of one loaded chunk: elementwise FMAs at M = 1, a tensor-core dot otherwise."""
+    if BLOCK_M == 1:
+        acc += w.to(tl.float32) * x.to(tl.float32)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
 def _gemv_tile(w_ptrs, x_ptrs, acc, k0, k_hi, rk, nmask, mmask, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):
     """``acc`` plus one ``BLOCK_K`` chunk of the product (columns ``k0:k0 + BLOCK_K``, masked at ``k_hi``)."""
     if EVEN_K:
@@ -182,11 +192,7 @@ def _gemv_tile(w_ptrs, x_ptrs, acc, k0, k_hi, rk, nmask, mmask, BLOCK_M: tl.cons
         kmask = (k0 + rk) < k_hi
         w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
         x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_last")
-    if BLOCK_M == 1:
-        acc += w.to(tl.float32) * x.to(tl.float32)
-    else:
-        acc = tl.dot(x, tl.trans(w), acc)
-    return acc
+    return _gemv_acc(acc, w, x, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["M"])  # M (rows) changes step by step; it only bounds masks: one variant for all
@@ -215,10 +221,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, s
         w0 = tl.load(w_ptrs, mask=nmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_first")
         pdl_wait(USE_PDL)
         x0 = tl.load(x_ptrs, mask=mmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_last")
-        if BLOCK_M == 1:
-            acc += w0.to(tl.float32) * x0.to(tl.float32)
-        else:
-            acc = tl.dot(x0, tl.trans(w0), acc)
+        acc = _gemv_acc(acc, w0, x0, BLOCK_M)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         k_start = k_lo + BLOCK_K
