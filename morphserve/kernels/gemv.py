@@ -47,8 +47,6 @@ import torch
 import triton
 import triton.language as tl
 
-from morphserve.kernels.l2_prefetch import l2_prefetch
-from morphserve.kernels.l2_prefetch import supported as l2_prefetch_supported
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.triton_support import launch_options
 from morphserve.memory.weight_arena import LayerWeights, Precision
@@ -61,10 +59,6 @@ TUNED_MS = (1, 4, 8, 16, 32, 64)  # the M values a tuning table holds (an M uses
 
 # Load each program's first weight chunk before waiting for the previous kernel (M = 1 path; see the docstring).
 PREFETCH_FIRST_CHUNK = True
-# Also ask L2 for the next this-many BLOCK_K chunks of each row before the wait (M = 1 path; 0: off).
-L2_PREFETCH_CHUNKS = 0
-# Let the next kernel launch right after the wait instead of after the main loop.
-EARLY_TRIGGER = False
 
 _ENABLED: ContextVar[bool] = ContextVar("morphserve_triton_linear", default=False)
 
@@ -204,8 +198,7 @@ def _gemv_tile(w_ptrs, x_ptrs, acc, k0, k_hi, rk, nmask, mmask, BLOCK_M: tl.cons
 @triton.jit(do_not_specialize=["M"])  # M (rows) changes step by step; it only bounds masks: one variant for all
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, L2_CHUNKS: tl.constexpr, NT: tl.constexpr,
-                 EARLY_TRIGGER: tl.constexpr, USE_PDL: tl.constexpr):
+                 SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -223,23 +216,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, s
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = k_lo
-    if L2_CHUNKS > 0:  # the next L2_CHUNKS chunks of each row into L2, NT // BLOCK_N pieces per row
-        PIECES: tl.constexpr = NT // BLOCK_N
-        e = tl.arange(0, NT)
-        row = pid_n * BLOCK_N + e % BLOCK_N
-        lo = k_lo + BLOCK_K
-        hi = tl.minimum(k_hi, lo + L2_CHUNKS * BLOCK_K)
-        piece = tl.cdiv(hi - lo, PIECES)
-        start = lo + (e // BLOCK_N) * piece
-        count = tl.where(row < N, tl.minimum(piece, hi - start), 0)
-        l2_prefetch(w_ptr + row.to(tl.int64) * stride_wn + start, count * (w_ptr.dtype.element_ty.primitive_bitwidth
-                                                                            // 8), True)
     if PREFETCH:  # the first weight chunk is loaded before the wait (module docstring, "Weight prefetch")
         kmask0 = (k_lo + rk) < k_hi
         w0 = tl.load(w_ptrs, mask=nmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_first")
         pdl_wait(USE_PDL)
-        if EARLY_TRIGGER:
-            pdl_trigger(USE_PDL)
         x0 = tl.load(x_ptrs, mask=mmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_last")
         acc = _gemv_acc(acc, w0, x0, BLOCK_M)
         w_ptrs += BLOCK_K
@@ -247,14 +227,11 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, s
         k_start = k_lo + BLOCK_K
     else:
         pdl_wait(USE_PDL)
-        if EARLY_TRIGGER:
-            pdl_trigger(USE_PDL)
     for k0 in range(k_start, k_hi, BLOCK_K):
         acc = _gemv_tile(w_ptrs, x_ptrs, acc, k0, k_hi, rk, nmask, mmask, BLOCK_M, EVEN_K)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    if not EARLY_TRIGGER:
-        pdl_trigger(USE_PDL)
+    pdl_trigger(USE_PDL)
     if BLOCK_M == 1:
         y = tl.sum(acc, axis=1)[None, :]
     else:
@@ -309,9 +286,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None,
     _gemv_kernel[grid](x, w, y, part, m, n, k, x.stride(0), w.stride(0), y.stride(0), k_per_split,
                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                        EVEN_K=k_per_split * split == k, SPLIT_K=split,
-                       PREFETCH=PREFETCH_FIRST_CHUNK and cfg.block_m == 1,
-                       L2_CHUNKS=L2_PREFETCH_CHUNKS if cfg.block_m == 1 and l2_prefetch_supported(x.device) else 0,
-                       NT=32 * cfg.num_warps, EARLY_TRIGGER=EARLY_TRIGGER, num_warps=cfg.num_warps,
+                       PREFETCH=PREFETCH_FIRST_CHUNK and cfg.block_m == 1, num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages, **opts)
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))

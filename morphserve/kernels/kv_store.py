@@ -32,14 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from morphserve.kernels.l2_prefetch import l2_prefetch_share, programs_for
-from morphserve.kernels.l2_prefetch import supported as l2_prefetch_supported
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.rotary import rope_rotate
 from morphserve.kernels.triton_support import launch_options, tl_dtype
 from morphserve.memory.kv_pool import KVPool
-
-PREFETCH_PIECE_BYTES = 16384  # bytes per thread of rope_and_store's prefetch programs (128 threads each)
 
 
 @triton.jit
@@ -127,25 +123,12 @@ def _store_kv_kernel(k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, s
 
 @triton.jit
 def _rope_store_kernel(qkv_ptr, stride_t, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kv_ptr, seg_base_ptr,
-                       shift, block_stride, base_addr, layer, n_tokens, pf_ptr, pf_n, pf_parts,
-                       H: tl.constexpr, H_P2: tl.constexpr, KVH: tl.constexpr, KVH_P2: tl.constexpr, BS: tl.constexpr,
-                       D: tl.constexpr, ELEM_BYTES: tl.constexpr, PF: tl.constexpr, NT: tl.constexpr,
-                       USE_PDL: tl.constexpr):
-    t = tl.program_id(0)
-    if t >= n_tokens:  # a prefetch program (see rope_and_store): no wait, the bytes are only a cache hint
-        l2_prefetch_share(pf_ptr, pf_n, t - n_tokens, pf_parts, NT, PF)
-    else:
-        _rope_store_row(qkv_ptr, stride_t, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kv_ptr, seg_base_ptr,
-                        shift, block_stride, base_addr, layer, t, H, H_P2, KVH, KVH_P2, BS, D, ELEM_BYTES, USE_PDL)
-
-
-@triton.jit
-def _rope_store_row(qkv_ptr, stride_t, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kv_ptr, seg_base_ptr,
-                    shift, block_stride, base_addr, layer, t, H: tl.constexpr, H_P2: tl.constexpr,
-                    KVH: tl.constexpr, KVH_P2: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-                    ELEM_BYTES: tl.constexpr, USE_PDL: tl.constexpr):
+                       shift, block_stride, base_addr, layer, H: tl.constexpr, H_P2: tl.constexpr,
+                       KVH: tl.constexpr, KVH_P2: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                       ELEM_BYTES: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     pdl_trigger(USE_PDL)
+    t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, D)[None, :]
     dp = (d + D // 2) % D
@@ -196,15 +179,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, addr: KVAddress, layer: int, slot
 
 
 def rope_and_store(qkv: torch.Tensor, num_heads: int, positions: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, addr: KVAddress, layer: int, slot_mapping: torch.Tensor,
-                   prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                   sin: torch.Tensor, addr: KVAddress, layer: int, slot_mapping: torch.Tensor) -> torch.Tensor:
     """From the fused projection ``qkv`` (``[T, (heads + 2 * kv_heads) * head_dim]``, rows contiguous): returns
     the rotated queries ``[T, heads, head_dim]`` and stores the rotated keys and the values of ``layer`` into the
-    cache at ``slot_mapping``.  ``cos``/``sin`` are the full tables, ``positions`` the tokens' positions.
-
-    ``prefetch``: a contiguous tensor a later kernel reads (the output projection's weights): extra programs of
-    the same launch ask L2 to fetch it (:mod:`morphserve.kernels.l2_prefetch`) while this kernel and the attention
-    after it run.  Ignored where the prefetch is not supported."""
+    cache at ``slot_mapping``.  ``cos``/``sin`` are the full tables, ``positions`` the tokens' positions."""
     t = qkv.shape[0]
     d, kvh = addr.head_dim, addr.num_kv_heads
     if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * kvh) * d or qkv.stride(1) != 1:
@@ -215,14 +193,9 @@ def rope_and_store(qkv: torch.Tensor, num_heads: int, positions: torch.Tensor, c
     _check_slots(slot_mapping, t)
     q = torch.empty((t, num_heads, d), dtype=qkv.dtype, device=qkv.device)
     if t:
-        pf = prefetch is not None and l2_prefetch_supported(qkv.device)
-        if pf and not prefetch.is_contiguous():
-            raise ValueError(f"rope_and_store: the prefetch tensor must be contiguous, got strides {prefetch.stride()}")
-        parts = programs_for(prefetch.numel() * prefetch.element_size(), PREFETCH_PIECE_BYTES) if pf else 0
-        _rope_store_kernel[(t + parts,)](qkv, qkv.stride(0), q, positions, cos, sin, slot_mapping, addr.base,
-                                 addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, t,
-                                 prefetch if pf else qkv, prefetch.numel() if pf else 0, parts, PF=pf, NT=128,
-                                 num_warps=4, H=num_heads, H_P2=triton.next_power_of_2(num_heads), KVH=kvh,
+        _rope_store_kernel[(t,)](qkv, qkv.stride(0), q, positions, cos, sin, slot_mapping, addr.base,
+                                 addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer,
+                                 H=num_heads, H_P2=triton.next_power_of_2(num_heads), KVH=kvh,
                                  KVH_P2=triton.next_power_of_2(kvh), BS=addr.block_size, D=d,
                                  ELEM_BYTES=addr.elem_bytes, **launch_options(qkv.device))
     return q

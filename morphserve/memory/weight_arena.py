@@ -128,32 +128,15 @@ def layout_for(precision: Precision, cfg: ModelConfig, dtype: torch.dtype) -> La
 class LayerWeights:
     """The live view of one decoder layer: its precision and its tensors (views into the slot)."""
 
-    __slots__ = ("index", "precision", "tensors", "_spans")
+    __slots__ = ("index", "precision", "tensors")
 
     def __init__(self, index: int, precision: Precision, tensors: dict[str, torch.Tensor]):
         self.index = index
         self.precision = precision
         self.tensors = tensors
-        self._spans: dict[str, torch.Tensor | None] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
-
-    def span(self, projection: str) -> torch.Tensor | None:
-        """All bytes of ``projection`` (the tensors named ``projection`` or ``projection.*``) as one uint8 view,
-        or None when they do not share one storage.  In a slot a projection's tensors are adjacent, so the span
-        holds only them and alignment padding; a kernel that prefetches it reads nothing else."""
-        if projection not in self._spans:
-            parts = [t for n, t in self.tensors.items() if n == projection or n.startswith(projection + ".")]
-            span = None
-            if parts and len({t.untyped_storage().data_ptr() for t in parts}) == 1:
-                storage = parts[0].untyped_storage()
-                lo = min(t.data_ptr() for t in parts)
-                hi = max(t.data_ptr() + t.numel() * t.element_size() for t in parts)
-                span = torch.empty(0, dtype=torch.uint8, device=parts[0].device).set_(
-                    storage, lo - storage.data_ptr(), (hi - lo,))
-            self._spans[projection] = span
-        return self._spans[projection]
 
 
 class WeightArena:

@@ -75,11 +75,8 @@ class KernelSet(ABC):
         """``residual + x`` and its RMSNorm: returns ``(normed, new residual)``."""
 
     @abstractmethod
-    def rope_and_store(self, qkv: torch.Tensor, state: Any, pool: KVPool, layer: int,
-                       prefetch: torch.Tensor | None = None) -> torch.Tensor:
-        """Rotate Q and K of the fused projection, store K/V of ``layer``; returns Q ``[T, heads, head_dim]``.
-        ``prefetch``: bytes the layer reads after attention (its output projection), which a kernel set may ask
-        the cache to fetch meanwhile; it never changes a result."""
+    def rope_and_store(self, qkv: torch.Tensor, state: Any, pool: KVPool, layer: int) -> torch.Tensor:
+        """Rotate Q and K of the fused projection, store K/V of ``layer``; returns Q ``[T, heads, head_dim]``."""
 
     @abstractmethod
     def attention(self, q: torch.Tensor, state: Any, pool: KVPool, layer: int) -> torch.Tensor:
@@ -120,7 +117,7 @@ class ReferenceKernels(KernelSet):
     def add_rms_norm(self, x, residual, weight, eps):
         return ref.add_rms_norm(x, residual, weight, eps)
 
-    def rope_and_store(self, qkv, state: _ReferenceState, pool, layer, prefetch=None):
+    def rope_and_store(self, qkv, state: _ReferenceState, pool, layer):
         q_size, kv_size = state.num_heads * state.head_dim, state.num_kv_heads * state.head_dim
         qh = qkv[:, :q_size].view(-1, state.num_heads, state.head_dim)
         kh = qkv[:, q_size:q_size + kv_size].view(-1, state.num_kv_heads, state.head_dim)
@@ -229,10 +226,10 @@ class TritonKernels(KernelSet):
     def add_rms_norm(self, x, residual, weight, eps):
         return self._norm.add_rms_norm(x, residual, weight, eps)
 
-    def rope_and_store(self, qkv, state: _TritonState, pool, layer, prefetch=None):
+    def rope_and_store(self, qkv, state: _TritonState, pool, layer):
         b = state.batch
         return self._kv_store.rope_and_store(qkv, state.num_heads, b.positions, state.cos, state.sin, state.addr,
-                                             layer, b.slot_mapping, prefetch)
+                                             layer, b.slot_mapping)
 
     def attention(self, q, state: _TritonState, pool, layer):
         return self._attention.paged_attention(q, state.addr, layer, state.meta, state.scale)

@@ -21,9 +21,6 @@ from morphserve.model.kernel_set import KernelSet, select_kernel_set
 from morphserve.model.linear import linear
 from morphserve.model.weight_source import WeightSource
 
-# Ask the cache for the output projection's weights while RoPE/KV store and attention run (kernel sets that can).
-PREFETCH_OUTPUT_PROJECTION = False
-
 
 @dataclass
 class ForwardBatch:
@@ -155,8 +152,7 @@ class LlamaModel:
             residual, h = x, ks.rms_norm(x, lw["input_norm"], eps)
         else:
             h, residual = ks.add_rms_norm(x, residual, lw["input_norm"], eps)
-        q = ks.rope_and_store(linear(h, lw, "qkv"), state, pool, lw.index,
-                              lw.span("o") if PREFETCH_OUTPUT_PROJECTION else None)
+        q = ks.rope_and_store(linear(h, lw, "qkv"), state, pool, lw.index)
         x = linear(ks.attention(q, state, pool, lw.index), lw, "o")
         h, residual = ks.add_rms_norm(x, residual, lw["post_norm"], eps)
         x = linear(ks.silu_and_mul(linear(h, lw, "gate_up")), lw, "down", out)
