@@ -178,46 +178,6 @@ def test_decode_tunings_match_reference(heads, kv_heads, head_dim, tuning):
         _close(paged_attention_decode(q, KVAddress.of(pool), 0, meta, 0.125, tuning), want, dtype)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,mha_dot", [(4, 4, 64, True), (4, 4, 64, False), (6, 2, 64, False)])
-@pytest.mark.parametrize("poison", [False, True])
-def test_decode_early_loads_match_reference(heads, kv_heads, head_dim, mha_dot, poison):
-    """Keys loaded before the PDL wait (``early``): the same result as the reference, including padding rows
-    (context 0), contexts whose newest key falls in a split's first tile or later, and with what the early load
-    read for each newest key replaced by NaN (``poison_newest``): only the reload after the wait may reach the
-    output."""
-    dtype = torch.float16
-    pool, _, ids = _pool(heads, kv_heads, head_dim, dtype)
-    _randomize(pool)
-    ctx_lens = [1, 32, 70, 0, 17, 33]
-    tables = _tables(ids, ctx_lens, seed=7)
-    qs = list(range(len(ctx_lens) + 1))
-    q = torch.randn(len(ctx_lens), heads, head_dim, device=DEV).to(dtype)
-    want = ref.paged_attention(q, pool, 1, qs, ctx_lens, tables, 0.125)
-    tuning = DecodeTuning(block_n=16, prefetch=True, mha_dot=mha_dot)
-    for splits in (1, 3, 16):
-        meta = PagedAttentionMetadata.from_lists(qs, ctx_lens, tables, DEV, num_splits=splits)
-        got = paged_attention_decode(q, KVAddress.of(pool), 1, meta, 0.125, tuning, early=True, poison_newest=poison)
-        assert not got.isnan().any(), f"NaN with {splits} splits"
-        assert torch.equal(got[3], torch.zeros_like(got[3]))
-        _close(got, want, dtype)
-
-
-def test_decode_a_nan_key_reaches_the_output():
-    """Why the poison check above can fail: a NaN key that is not replaced reaches every output element.  The
-    kernel's poison of the newest key is replaced by the reload; a NaN stored at an older position is not."""
-    dtype = torch.float16
-    pool, _, ids = _pool(4, 4, 64, dtype)
-    _randomize(pool)
-    tables = _tables(ids, [2], seed=9)
-    meta = PagedAttentionMetadata.from_lists([0, 1], [2], tables, DEV, num_splits=1)
-    q = torch.randn(1, 4, 64, device=DEV).to(dtype)
-    addr = KVAddress.of(pool)
-    assert not paged_attention_decode(q, addr, 0, meta, 0.125, early=True, poison_newest=True).isnan().any()
-    pool.store(0, torch.full((1, 4, 64), float("nan"), device=DEV, dtype=dtype), torch.zeros(1, 4, 64, device=DEV,
-               dtype=dtype), torch.tensor([tables[0][0] * BS], device=DEV))  # position 0: an older key
-    assert paged_attention_decode(q, addr, 0, meta, 0.125, early=True, poison_newest=True).isnan().all()
-
-
 def test_decode_empty_context_rows_are_zero_and_segments_attached_later_are_read():
     dtype = torch.float32
     pool, _, ids = _pool(4, 2, 64, dtype)

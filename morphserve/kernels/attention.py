@@ -44,9 +44,6 @@ from morphserve.kernels.triton_support import dot_precision, launch_options
 PREFILL_BLOCK_M = 64  # query rows per prefill tile (the host's tile map uses it)
 PREFILL_BLOCK_N = 64
 MAX_DECODE_SPLITS = 16
-# Engine decode steps load the first tile of keys before the PDL wait (paged_attention_decode's ``early``; the
-# Triton kernel set passes it, since its attention always follows rope_and_store).
-EARLY_DECODE = True
 LOG2E = 1.4426950408889634
 
 
@@ -211,48 +208,18 @@ def _prefill_kernel(q_ptr, out_ptr, qs_ptr, ctx_ptr, tables_ptr, table_stride, t
     tl.store(out_ptr + ((q_lo + rows) * H + h)[:, None] * D + d[None, :], o.to(DTYPE), mask=rmask[:, None])
 
 
-@triton.jit
-def _decode_tile_ptrs(tables_ptr, s, table_stride, n, end, kv_ptr, seg_base_ptr, head_off, shift, block_stride,
-                      base_addr, BS: tl.constexpr, D: tl.constexpr, ELEM_BYTES: tl.constexpr):
-    """K row pointers of keys ``n`` (masked at ``end``) of sequence ``s``: block table, then segment table."""
-    blk = tl.load(tables_ptr + s * table_stride + n // BS, mask=n < end, other=0)
-    return kv_row_ptrs(kv_ptr, seg_base_ptr, blk, head_off + (n % BS) * D, shift, block_stride, base_addr, ELEM_BYTES)
-
-
-@triton.jit
-def _decode_tile(q, k, v, nmask, m_i, l_i, acc, scale_log2, GROUP_P2: tl.constexpr, DTYPE: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
-    """One tile of keys folded into the running softmax state ``(m_i, l_i, acc)`` (at least one key unmasked)."""
-    if GROUP_P2 == 1:  # MHA on CUDA cores: one query row (a [1, D] x [D, N] product is a dot per key)
-        sc = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2
-    else:  # tensor cores: the group's rows (GQA), or MHA's one row (mha_dot), padded to 16 rows
-        sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-    sc = tl.where(nmask[None, :], sc, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(sc - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if GROUP_P2 == 1:
-        pv = tl.sum(p.to(DTYPE).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-    else:
-        pv = tl.dot(p.to(DTYPE), v, input_precision=DOT_PREC)
-    acc = acc * alpha[:, None] + pv
-    return m_new, l_i, acc
-
-
 @triton.jit(do_not_specialize=["table_stride"], do_not_specialize_on_alignment=["ctx_ptr", "tables_ptr"])  # as prefill
 def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr, table_stride, kv_ptr,
                    seg_base_ptr, shift, block_stride, base_addr, layer, scale_log2, num_splits, H: tl.constexpr,
                    KVH: tl.constexpr, ELEM_BYTES: tl.constexpr,
                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, EARLY: tl.constexpr, POISON_NEWEST: tl.constexpr,
-                   DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                   USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if not EARLY:
-        pdl_wait(USE_PDL)
-    ctx = tl.load(ctx_ptr + s).to(tl.int32)  # (EARLY: before the wait; see paged_attention_decode)
+    ctx = tl.load(ctx_ptr + s).to(tl.int32)
     per = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     start = split * per
     end = tl.minimum(start + per, ctx)
@@ -260,54 +227,47 @@ def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr
     gmask = g < GROUP
     head = kvh * GROUP + g
     d = tl.arange(0, D)
+    q = tl.load(q_ptr + (s * H + head)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
     m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P2], tl.float32)
     acc = tl.zeros([GROUP_P2, D], tl.float32)
     head_off = (layer * 2 * KVH + kvh) * (BS * D)
-    V_OFF: tl.constexpr = KVH * BS * D
-    lo = start
-    if EARLY:  # the first tile's keys written by earlier steps, loaded before the wait
-        n = start + tl.arange(0, BLOCK_N)
-        nmask = n < end
-        base = _decode_tile_ptrs(tables_ptr, s, table_stride, n, end, kv_ptr, seg_base_ptr, head_off, shift,
-                                 block_stride, base_addr, BS, D, ELEM_BYTES)
-        old = nmask & (n < ctx - 1)
-        k = tl.load(base[:, None] + d[None, :], mask=old[:, None], other=0.0)
-        v = tl.load(base[:, None] + V_OFF + d[None, :], mask=old[:, None], other=0.0)
-        if PREFETCH:
-            base_next = _decode_tile_ptrs(tables_ptr, s, table_stride, n + BLOCK_N, end, kv_ptr, seg_base_ptr,
-                                          head_off, shift, block_stride, base_addr, BS, D, ELEM_BYTES)
-        pdl_wait(USE_PDL)
-        q = tl.load(q_ptr + (s * H + head)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
-        # this step's own key (position ctx - 1), stored by the kernel just before: only now is it visible
-        new = nmask & (n == ctx - 1)
-        if POISON_NEWEST:  # tests: what a load before the wait might have seen
-            k = tl.where(new[:, None], float("nan"), k)
-            v = tl.where(new[:, None], float("nan"), v)
-        k = tl.where(new[:, None], tl.load(base[:, None] + d[None, :], mask=new[:, None], other=0.0), k)
-        v = tl.where(new[:, None], tl.load(base[:, None] + V_OFF + d[None, :], mask=new[:, None], other=0.0), v)
-        if start < end:
-            m_i, l_i, acc = _decode_tile(q, k, v, nmask, m_i, l_i, acc, scale_log2, GROUP_P2, DTYPE, DOT_PREC)
-        lo = start + BLOCK_N
-    else:
-        q = tl.load(q_ptr + (s * H + head)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
-        if PREFETCH:  # the first iteration's addresses
-            base_next = _decode_tile_ptrs(tables_ptr, s, table_stride, start + tl.arange(0, BLOCK_N), end, kv_ptr,
-                                          seg_base_ptr, head_off, shift, block_stride, base_addr, BS, D, ELEM_BYTES)
-    for n0 in range(lo, end, BLOCK_N):
+    if PREFETCH:  # the first iteration's addresses
+        n_next = start + tl.arange(0, BLOCK_N)
+        blk_next = tl.load(tables_ptr + s * table_stride + n_next // BS, mask=n_next < end, other=0)
+        base_next = kv_row_ptrs(kv_ptr, seg_base_ptr, blk_next, head_off + (n_next % BS) * D, shift, block_stride,
+                                base_addr, ELEM_BYTES)
+    for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
         if PREFETCH:  # addresses resolved during the previous iteration
             base = base_next
         else:
-            base = _decode_tile_ptrs(tables_ptr, s, table_stride, n, end, kv_ptr, seg_base_ptr, head_off, shift,
-                                     block_stride, base_addr, BS, D, ELEM_BYTES)
+            blk = tl.load(tables_ptr + s * table_stride + n // BS, mask=nmask, other=0)
+            base = kv_row_ptrs(kv_ptr, seg_base_ptr, blk, head_off + (n % BS) * D, shift, block_stride, base_addr,
+                               ELEM_BYTES)
         k = tl.load(base[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(base[:, None] + V_OFF + d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(base[:, None] + KVH * BS * D + d[None, :], mask=nmask[:, None], other=0.0)
         if PREFETCH:
-            base_next = _decode_tile_ptrs(tables_ptr, s, table_stride, n + BLOCK_N, end, kv_ptr, seg_base_ptr,
-                                          head_off, shift, block_stride, base_addr, BS, D, ELEM_BYTES)
-        m_i, l_i, acc = _decode_tile(q, k, v, nmask, m_i, l_i, acc, scale_log2, GROUP_P2, DTYPE, DOT_PREC)
+            n_next = n + BLOCK_N
+            blk_next = tl.load(tables_ptr + s * table_stride + n_next // BS, mask=n_next < end, other=0)
+            base_next = kv_row_ptrs(kv_ptr, seg_base_ptr, blk_next, head_off + (n_next % BS) * D, shift,
+                                    block_stride, base_addr, ELEM_BYTES)
+        if GROUP_P2 == 1:  # MHA on CUDA cores: one query row (a [1, D] x [D, N] product is a dot per key)
+            sc = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2
+        else:  # tensor cores: the group's rows (GQA), or MHA's one row (mha_dot), padded to 16 rows
+            sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        sc = tl.where(nmask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if GROUP_P2 == 1:
+            pv = tl.sum(p.to(DTYPE).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        else:
+            pv = tl.dot(p.to(DTYPE), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
     pdl_trigger(USE_PDL)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if num_splits == 1:
@@ -369,30 +329,10 @@ def paged_attention_prefill(q: torch.Tensor, addr: KVAddress, layer: int, meta: 
 
 
 def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: PagedAttentionMetadata,
-                           scale: float, tuning: DecodeTuning | None = None, *, early: bool = False,
-                           poison_newest: bool = False) -> torch.Tensor:
+                           scale: float, tuning: DecodeTuning | None = None) -> torch.Tensor:
     """Flash-decoding over the paged cache for batches of one query row per sequence (``q``: ``[S, heads,
     head_dim]``, row ``s`` belongs to sequence ``s``); ``meta.num_splits`` context splits; ``tuning``: launch
-    parameters (default :func:`decode_tuning` of the query group).  Returns ``[S, heads * head_dim]``.
-
-    ``early``: load the first tile of keys before the PDL wait.  The caller guarantees that the kernel launched
-    just before this one wrote, of these sequences' cache, at most each one's newest key and value (position
-    ``context_lens[s] - 1``), and nothing of the metadata: true of an engine decode step, where that kernel is
-    ``rope_and_store``.
-
-    Under programmatic dependent launch a decode program may start while the kernel before it is still running.
-    Everything else the first tile needs was written before that kernel: the context lengths and block tables
-    are uploaded before the step's first kernel, the segment table changes only between steps, and every other
-    key was stored by an earlier step.  Every kernel of the fast path lets its dependents launch only after its
-    own wait, so when a decode program starts, all work two launches back has completed
-    (:mod:`morphserve.kernels.gemv`, "Weight prefetch").  With ``early`` a program resolves the first tile's
-    addresses and loads its keys and values, except position ``ctx - 1``, before the wait; then it waits and loads
-    the query and that one key and value.  At batch 1 (16 splits of 32 keys at context 512) that is the whole
-    tile, so the chain of dependent loads (block table, segment table, K/V) overlaps the kernel before.
-
-    ``poison_newest`` (tests only, with ``early``): overwrite what the early load read for each sequence's newest
-    key and value with NaN, as a load racing with their store could, to check that the reload after the wait
-    replaces them."""
+    parameters (default :func:`decode_tuning` of the query group).  Returns ``[S, heads * head_dim]``."""
     tuning = tuning or decode_tuning(q.shape[1] // addr.num_kv_heads)
     if tuning.block_n < 16 or tuning.block_n & (tuning.block_n - 1):
         raise ValueError(f"decode block_n must be a power of two >= 16, got {tuning.block_n}")
@@ -421,8 +361,7 @@ def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: P
         addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, scale * LOG2E, splits, H=heads,
         KVH=kvh, ELEM_BYTES=addr.elem_bytes,
         GROUP=group, GROUP_P2=group_rows, D=d, BS=addr.block_size,
-        BLOCK_N=tuning.block_n, PREFETCH=tuning.prefetch, EARLY=early,
-        POISON_NEWEST=early and poison_newest, DTYPE=addr.dtype, DOT_PREC=dot_precision(q.dtype),
+        BLOCK_N=tuning.block_n, PREFETCH=tuning.prefetch, DTYPE=addr.dtype, DOT_PREC=dot_precision(q.dtype),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **opts)
     if splits > 1:
         _decode_reduce_kernel[(t, heads)](out, part_o, part_lse, splits, H=heads, D=d,
@@ -432,11 +371,10 @@ def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: P
 
 
 def paged_attention(q: torch.Tensor, addr: KVAddress, layer: int, meta: PagedAttentionMetadata,
-                    scale: float, *, early: bool = False) -> torch.Tensor:
-    """The decode kernel when every sequence has one query row (``early``: see :func:`paged_attention_decode`),
-    else the prefill kernel."""
+                    scale: float) -> torch.Tensor:
+    """The decode kernel when every sequence has one query row, else the prefill kernel."""
     if meta.is_decode:
-        return paged_attention_decode(q, addr, layer, meta, scale, early=early)
+        return paged_attention_decode(q, addr, layer, meta, scale)
     return paged_attention_prefill(q, addr, layer, meta, scale)
 
 

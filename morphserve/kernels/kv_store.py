@@ -37,10 +37,6 @@ from morphserve.kernels.rotary import rope_rotate
 from morphserve.kernels.triton_support import launch_options, tl_dtype
 from morphserve.memory.kv_pool import KVPool
 
-# rope_and_store reads the step's positions and slots, the rotary tables and the KV address before its PDL wait
-# (everything but the projection it rotates; see the decode kernel's early loads in morphserve.kernels.attention)
-EARLY_LOADS = True
-
 
 @triton.jit
 def kv_block_offset(seg_base_ptr, block_ids, shift, block_stride, base_addr, ELEM_BYTES: tl.constexpr):
@@ -92,32 +88,19 @@ class KVAddress:
 
 
 @triton.jit
-def _slot_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, KVH: tl.constexpr,
-               KVH_P2: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, ELEM_BYTES: tl.constexpr):
-    """Pointers to the K rows (``[KVH_P2]``, one per KV head) of global slot ``slot`` (>= 0) of ``layer``; the V
-    rows follow at ``KVH * BS * D``."""
-    heads = tl.arange(0, KVH_P2)
-    return kv_row_ptrs(kv_ptr, seg_base_ptr, slot // BS, (layer * 2 * KVH + heads) * (BS * D) + (slot % BS) * D,
-                       shift, block_stride, base_addr, ELEM_BYTES)
-
-
-@triton.jit
-def _store_at(kv_ptr, rows, k, v, hmask, KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
-    """Store one token's ``k``/``v`` (``[KVH_P2, D]``, padding heads masked by ``hmask``) at ``rows``."""
-    d = tl.arange(0, D)[None, :]
-    tl.store(rows[:, None] + d, k.to(kv_ptr.dtype.element_ty), mask=hmask)
-    tl.store(rows[:, None] + KVH * BS * D + d, v.to(kv_ptr.dtype.element_ty), mask=hmask)
-
-
-@triton.jit
 def _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, hmask,
                 KVH: tl.constexpr, KVH_P2: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
                 ELEM_BYTES: tl.constexpr):
     """Store one token's ``k``/``v`` (``[KVH_P2, D]``, padding heads masked by ``hmask``) at global slot ``slot``
     of ``layer``."""
-    rows = _slot_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, KVH, KVH_P2, BS, D,
-                      ELEM_BYTES)
-    _store_at(kv_ptr, rows, k, v, hmask, KVH, BS, D)
+    block = slot // BS
+    off = slot % BS
+    heads = tl.arange(0, KVH_P2)
+    rows = kv_row_ptrs(kv_ptr, seg_base_ptr, block, (layer * 2 * KVH + heads) * (BS * D) + off * D, shift,
+                       block_stride, base_addr, ELEM_BYTES)
+    d = tl.arange(0, D)[None, :]
+    tl.store(rows[:, None] + d, k.to(kv_ptr.dtype.element_ty), mask=hmask)
+    tl.store(rows[:, None] + KVH * BS * D + d, v.to(kv_ptr.dtype.element_ty), mask=hmask)
 
 
 @triton.jit
@@ -142,24 +125,15 @@ def _store_kv_kernel(k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, s
 def _rope_store_kernel(qkv_ptr, stride_t, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kv_ptr, seg_base_ptr,
                        shift, block_stride, base_addr, layer, H: tl.constexpr, H_P2: tl.constexpr,
                        KVH: tl.constexpr, KVH_P2: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-                       ELEM_BYTES: tl.constexpr, EARLY: tl.constexpr, USE_PDL: tl.constexpr):
-    if not EARLY:
-        pdl_wait(USE_PDL)
-        pdl_trigger(USE_PDL)
-    # EARLY: the step's positions and slots were uploaded before its first kernel, the rotary tables and the
-    # segment table do not change within a step: only the projection's output needs the wait (EARLY_LOADS)
+                       ELEM_BYTES: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
+    pdl_trigger(USE_PDL)
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, D)[None, :]
     dp = (d + D // 2) % D
     cos = tl.load(cos_ptr + pos * D + d)
     sin = tl.load(sin_ptr + pos * D + d)
-    slot = tl.load(slot_ptr + t)
-    kv_rows = _slot_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, tl.maximum(slot, 0), layer, KVH,
-                         KVH_P2, BS, D, ELEM_BYTES)
-    if EARLY:
-        pdl_wait(USE_PDL)
-        pdl_trigger(USE_PDL)
     row = qkv_ptr + t * stride_t
     # queries: rotated into q_out (a separate buffer: rotating in place would race between the threads that read
     # an element as a partner and the thread that overwrites it)
@@ -168,6 +142,7 @@ def _rope_store_kernel(qkv_ptr, stride_t, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, 
     q = tl.load(row + hq * D + d, mask=qmask, other=0.0)
     qp = tl.load(row + hq * D + dp, mask=qmask, other=0.0)
     tl.store(q_out_ptr + t * (H * D) + hq * D + d, rope_rotate(q, qp, cos, sin, d, D // 2), mask=qmask)
+    slot = tl.load(slot_ptr + t)
     if slot >= 0:
         h = tl.arange(0, KVH_P2)[:, None]
         hmask = h < KVH
@@ -176,7 +151,8 @@ def _rope_store_kernel(qkv_ptr, stride_t, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, 
         kp = tl.load(krow + h * D + dp, mask=hmask, other=0.0)
         v = tl.load(krow + KVH * D + h * D + d, mask=hmask, other=0.0)
         k = rope_rotate(k, kp, cos, sin, d, D // 2)
-        _store_at(kv_ptr, kv_rows, k, v, hmask, KVH, BS, D)
+        _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, hmask, KVH, KVH_P2,
+                    BS, D, ELEM_BYTES)
 
 
 def _check_slots(slot_mapping: torch.Tensor, t: int) -> None:
@@ -221,5 +197,5 @@ def rope_and_store(qkv: torch.Tensor, num_heads: int, positions: torch.Tensor, c
                                  addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer,
                                  H=num_heads, H_P2=triton.next_power_of_2(num_heads), KVH=kvh,
                                  KVH_P2=triton.next_power_of_2(kvh), BS=addr.block_size, D=d,
-                                 ELEM_BYTES=addr.elem_bytes, EARLY=EARLY_LOADS, **launch_options(qkv.device))
+                                 ELEM_BYTES=addr.elem_bytes, **launch_options(qkv.device))
     return q

@@ -232,10 +232,7 @@ class TritonKernels(KernelSet):
                                              layer, b.slot_mapping)
 
     def attention(self, q, state: _TritonState, pool, layer):
-        # the kernel before is rope_and_store, which writes only each sequence's newest key: the decode kernel
-        # may load the others before its PDL wait
-        return self._attention.paged_attention(q, state.addr, layer, state.meta, state.scale,
-                                               early=self._attention.EARLY_DECODE)
+        return self._attention.paged_attention(q, state.addr, layer, state.meta, state.scale)
 
     def silu_and_mul(self, gate_up):
         return self._activation.silu_and_mul(gate_up)
