@@ -1,12 +1,11 @@
 #!/usr/bin/env python3
-"""Does the FP16 GEMV's weight prefetch pay?  Decode steps with ``gemv.PREFETCH_FIRST_CHUNK`` off and on, and with
-``gemv.ROLLING_PREFETCH`` (two chunks in flight), in the order ``--order`` gives (GPU only).
+"""Does the FP16 GEMV's weight prefetch pay?  Decode steps with ``gemv.PREFETCH_FIRST_CHUNK`` off and on (GPU only).
 
 With programmatic dependent launch a GEMV program can start while the previous kernel finishes; with the prefetch
 it loads its first weight chunk before ``pdl_wait`` (see the docstring of :mod:`morphserve.kernels.gemv`).  For each
 model this probe builds one engine with synthetic weights, then times whole-step graph decode steps
-(:func:`bench_fastpath.decode_sweep`, context 512) in the given order, recapturing the graphs at each
-switch, and profiles one batch-1 step of each setting's first run (GEMV kernel time per step).
+(:func:`bench_fastpath.decode_sweep`, context 512) in the order off, on, off, on, recapturing the graphs at each
+switch, and profiles one batch-1 step with each setting (GEMV kernel time per step).
 
     MORPHSERVE_DATA_MIRROR=... PYTHONPATH=. python3 benchmarks/probe_gemv_prefetch.py --out prefetch.json
 """
@@ -30,22 +29,13 @@ from morphserve.model.config import architecture  # noqa: E402
 from morphserve.provenance import provenance  # noqa: E402
 
 
-# variant -> (PREFETCH_FIRST_CHUNK, ROLLING_PREFETCH)
-VARIANTS = {"off": (False, False), "on": (True, False), "rolling": (True, True)}
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="llama2-7b,llama3-8b")
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--order", default="off,on,off,on", help=f"variants among {sorted(VARIANTS)}")
     a = ap.parse_args(argv)
-    bad = [v for v in a.order.split(",") if v not in VARIANTS]
-    if bad:
-        sys.exit(f"unknown variants {bad}; known: {sorted(VARIANTS)}")
-    shipped = G.PREFETCH_FIRST_CHUNK, G.ROLLING_PREFETCH
     if not torch.cuda.is_available():
         sys.exit("probe_gemv_prefetch needs a CUDA GPU")
     dev = torch.device("cuda")
@@ -62,23 +52,20 @@ def main(argv: list[str] | None = None) -> dict:
             seg.tensor.normal_()
         rng = np.random.default_rng(0)
         out = res[model] = {}
-        seen: set[str] = set()
-        for i, variant in enumerate(a.order.split(",")):
-            G.PREFETCH_FIRST_CHUNK, G.ROLLING_PREFETCH = VARIANTS[variant]
-            eng.runner.graphs.clear()  # the flags are compile-time constants of the captured kernels
+        for name, on in [("off", False), ("on", True), ("off2", False), ("on2", True)]:
+            G.PREFETCH_FIRST_CHUNK = on
+            eng.runner.graphs.clear()  # the flag is a compile-time constant of the captured kernels
             rows = B.decode_sweep(eng, batches, 512, a.reps, 3, bw, rng)
-            name = variant if variant not in seen else f"{variant}{i}"
             out[name] = {"rows": rows}
             print(model, name, [(r["batch"], round(r["step_gpu_s"] * 1e3, 3)) for r in rows], flush=True)
-            if variant not in seen:
-                seen.add(variant)
+            if name in ("off", "on"):
                 prof = out[name]["profile_b1"] = B.profile_decode(eng, 1, 512, rng)
                 gemv_us = sum(r["us_per_step"] for r in prof["top"] if "gemv" in r["kernel"])
                 print(f"   GEMV {gemv_us:.0f} us/step of {prof['kernel_us_per_step']:.0f} us kernel time", flush=True)
             a.out.write_text(json.dumps(res, indent=1, default=str))
         del eng
         torch.cuda.empty_cache()
-    G.PREFETCH_FIRST_CHUNK, G.ROLLING_PREFETCH = shipped
+    G.PREFETCH_FIRST_CHUNK = True
     return res
 
 

@@ -59,9 +59,6 @@ TUNED_MS = (1, 4, 8, 16, 32, 64)  # the M values a tuning table holds (an M uses
 
 # Load each program's first weight chunk before waiting for the previous kernel (M = 1 path; see the docstring).
 PREFETCH_FIRST_CHUNK = True
-# M = 1, with the prefetch: keep two weight chunks in flight per program (the next one requested before the
-# current one is multiplied) instead of one.
-ROLLING_PREFETCH = False
 
 _ENABLED: ContextVar[bool] = ContextVar("morphserve_triton_linear", default=False)
 
@@ -201,7 +198,7 @@ def _gemv_tile(w_ptrs, x_ptrs, acc, k0, k_hi, rk, nmask, mmask, BLOCK_M: tl.cons
 @triton.jit(do_not_specialize=["M"])  # M (rows) changes step by step; it only bounds masks: one variant for all
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, ROLLING: tl.constexpr, USE_PDL: tl.constexpr):
+                 SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -219,40 +216,21 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, s
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = k_lo
-    if ROLLING:  # M = 1: chunk k + 1 is requested before chunk k is multiplied (two chunks in flight)
+    if PREFETCH:  # the first weight chunk is loaded before the wait (module docstring, "Weight prefetch")
         kmask0 = (k_lo + rk) < k_hi
-        w_cur = tl.load(w_ptrs, mask=nmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_first")
+        w0 = tl.load(w_ptrs, mask=nmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_first")
         pdl_wait(USE_PDL)
-        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-            kmask = (k0 + rk) < k_hi
-            w_nxt = tl.load(w_ptrs + BLOCK_K, mask=nmask[:, None] & kmask[None, :], other=0.0,
-                            eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=mmask[:, None] & ((k0 - BLOCK_K + rk) < k_hi)[None, :], other=0.0,
-                        eviction_policy="evict_last")
-            acc = _gemv_acc(acc, w_cur, x, BLOCK_M)
-            w_cur = w_nxt
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-        k_last = k_lo + tl.cdiv(k_hi - k_lo, BLOCK_K) * BLOCK_K - BLOCK_K
-        x = tl.load(x_ptrs, mask=mmask[:, None] & ((k_last + rk) < k_hi)[None, :], other=0.0,
-                    eviction_policy="evict_last")
-        acc = _gemv_acc(acc, w_cur, x, BLOCK_M)
+        x0 = tl.load(x_ptrs, mask=mmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_last")
+        acc = _gemv_acc(acc, w0, x0, BLOCK_M)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        k_start = k_lo + BLOCK_K
     else:
-        if PREFETCH:  # the first weight chunk is loaded before the wait (module docstring, "Weight prefetch")
-            kmask0 = (k_lo + rk) < k_hi
-            w0 = tl.load(w_ptrs, mask=nmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_first")
-            pdl_wait(USE_PDL)
-            x0 = tl.load(x_ptrs, mask=mmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_last")
-            acc = _gemv_acc(acc, w0, x0, BLOCK_M)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-            k_start = k_lo + BLOCK_K
-        else:
-            pdl_wait(USE_PDL)
-        for k0 in range(k_start, k_hi, BLOCK_K):
-            acc = _gemv_tile(w_ptrs, x_ptrs, acc, k0, k_hi, rk, nmask, mmask, BLOCK_M, EVEN_K)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
+        pdl_wait(USE_PDL)
+    for k0 in range(k_start, k_hi, BLOCK_K):
+        acc = _gemv_tile(w_ptrs, x_ptrs, acc, k0, k_hi, rk, nmask, mmask, BLOCK_M, EVEN_K)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
     pdl_trigger(USE_PDL)
     if BLOCK_M == 1:
         y = tl.sum(acc, axis=1)[None, :]
@@ -308,8 +286,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None,
     _gemv_kernel[grid](x, w, y, part, m, n, k, x.stride(0), w.stride(0), y.stride(0), k_per_split,
                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                        EVEN_K=k_per_split * split == k, SPLIT_K=split,
-                       PREFETCH=PREFETCH_FIRST_CHUNK and cfg.block_m == 1,
-                       ROLLING=ROLLING_PREFETCH and PREFETCH_FIRST_CHUNK and cfg.block_m == 1, num_warps=cfg.num_warps,
+                       PREFETCH=PREFETCH_FIRST_CHUNK and cfg.block_m == 1, num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages, **opts)
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
