@@ -183,6 +183,25 @@ def build_engine(name: str, cfg: ModelConfig, args: argparse.Namespace, device: 
     return LLMEngine(ec, source=SyntheticSource(name, seed=0, config=cfg))
 
 
+def probe_start(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The header of a probe's result (date, command, device, provenance) and the copy bandwidth measured now."""
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
+                           "device": torch.cuda.get_device_name(device),
+                           "provenance": provenance(config={k: str(v) for k, v in vars(args).items()}, device=device)}
+    res["copy"] = copy_bandwidth(device, 2 << 30, 10)
+    return res
+
+
+def probe_engine(name: str, device: torch.device) -> LLMEngine:
+    """A probe's engine: synthetic weights, an 8 GiB KV pool filled with random values, graphs, asynchronous
+    steps, prompts of up to 512 tokens per step."""
+    args = argparse.Namespace(prefill=[512], max_model_len=4096, kv_cache_bytes=8 << 30, async_steps="on")
+    eng = build_engine(name, architecture(name), args, device)
+    for seg in eng.pool.segments.values():
+        seg.tensor.normal_()
+    return eng
+
+
 def weight_read_bytes(engine: LLMEngine, batch: int) -> int:
     """Bytes of weights a decode step reads: every layer tensor, the final norm, the LM head, B embedding rows."""
     m = engine.model

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchmarks.bench_fastpath as B  # noqa: E402
 from morphserve.kernels import gemv as G  # noqa: E402
-from morphserve.model.config import architecture  # noqa: E402
-from morphserve.provenance import provenance  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,17 +36,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available():
         sys.exit("probe_gemv_prefetch needs a CUDA GPU")
     dev = torch.device("cuda")
-    engine_args = argparse.Namespace(prefill=[512], max_model_len=4096, kv_cache_bytes=8 << 30, async_steps="on")
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
-                 "device": torch.cuda.get_device_name(), "provenance": provenance(config=vars(a) | {"out": str(a.out)},
-                                                                                  device=dev)}
-    res["copy"] = B.copy_bandwidth(dev, 2 << 30, 10)
+    res = B.probe_start(a, dev)
     bw = res["copy"]["tb_per_s"] * 1e12
     batches = [int(b) for b in a.batches.split(",")]
     for model in a.models.split(","):
-        eng = B.build_engine(model, architecture(model), engine_args, dev)
-        for seg in eng.pool.segments.values():
-            seg.tensor.normal_()
+        eng = B.probe_engine(model, dev)
         rng = np.random.default_rng(0)
         out = res[model] = {}
         for name, on in [("off", False), ("on", True), ("off2", False), ("on2", True)]:
