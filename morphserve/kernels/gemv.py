@@ -26,7 +26,11 @@ along K in ``BLOCK_K`` chunks, evicting them from L2 first (they are read once p
 (:func:`load_tuning`; ``benchmarks/bench_fastpath.py --tune-gemv`` measures :data:`CANDIDATES` against cuBLAS on
 every projection shape and writes the table, which also records, per shape and M, whether cuBLAS was faster), and
 otherwise from fixed rules.  The shipped table, ``gemv_tuning.json`` beside this file, holds the measurements of
-the GPUs this was tuned on (see ``benchmarks/BENCH_fastpath.md``).
+the GPUs this was tuned on (see ``benchmarks/BENCH_fastpath.md``).  Its M = 1 entries were chosen *inside* decode
+steps (``benchmarks/probe_gemv_in_step.py --descent --write-tuning``): there each GEMV starts under programmatic
+dependent launch and prefetches its first chunk, and a configuration the isolated sweep ranked lower (four rows per
+program, K split in two) made H200 batch-1 steps 4.4% (Llama-2-7B) and 5.4% (Llama-3-8B) faster than the isolated
+winners.  Rerunning ``--tune-gemv`` replaces them with isolated winners; rerun the probe afterwards.
 
 **Routing.**  The Triton path is taken only inside :func:`enabled` (the Triton kernel set enters it for each
 forward), so the reference kernel set stays pure PyTorch (``F.linear``) even on CUDA; only for float16/bfloat16
@@ -94,7 +98,7 @@ class GemvConfig:
 # Candidates the tuning sweep measures, by the tuned M they serve.
 _M1 = [(4, 1024, 4, 1, 1), (8, 1024, 4, 1, 1), (2, 2048, 4, 1, 1), (4, 2048, 8, 1, 1), (8, 512, 4, 1, 1),
        (16, 512, 8, 1, 1), (4, 1024, 4, 1, 2), (8, 1024, 4, 1, 2), (4, 1024, 4, 1, 4), (8, 512, 4, 1, 4),
-       (8, 1024, 8, 2, 1), (4, 512, 4, 1, 8)]
+       (8, 1024, 8, 2, 1), (4, 512, 4, 1, 8), (2, 1024, 4, 1, 4)]
 _M16 = [(16, 256, 4, 4, 1), (32, 128, 4, 4, 1), (64, 128, 4, 3, 1), (16, 256, 4, 4, 2), (32, 256, 4, 3, 2),
         (16, 512, 4, 3, 4), (32, 128, 4, 4, 4)]
 _M32 = [(32, 128, 4, 4, 1), (64, 128, 4, 3, 1), (32, 128, 4, 4, 2), (32, 256, 4, 3, 4)]
@@ -159,11 +163,13 @@ def _tuned(x: torch.Tensor, n: int, k: int) -> Any:
 
 
 def gemv_config(m: int, n: int, k: int) -> GemvConfig:
-    """The fixed-rule configuration for ``[m, k] x [n, k]^T`` (used where no tuning table applies): the most
-    frequent winners of the H200 sweep (``benchmarks/results/fastpath_gemv_h200.json``) by M and output width."""
+    """The fixed-rule configuration for ``[m, k] x [n, k]^T`` (used where no tuning table applies): at M = 1 the
+    configuration that won inside H200 decode steps on every Llama-2-7B/Llama-3-8B shape
+    (``benchmarks/results/gemv_in_step_h200.json``), otherwise the most frequent winners of the isolated H200 sweep
+    (``benchmarks/results/fastpath_gemv_h200.json``) by M and output width."""
     wide = n > 8192
     if m == 1:
-        return GemvConfig(1, 8, 512, 4, 1)
+        return GemvConfig(1, 4, 1024, 4, 1, split_k=2)
     if m <= 16:
         return GemvConfig(16, 64, 128, 4, 3) if wide else GemvConfig(16, 16, 256, 4, 4)
     if m <= 32:
