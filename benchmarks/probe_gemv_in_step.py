@@ -5,11 +5,17 @@ The shipped tuning table (``morphserve/kernels/gemv_tuning.json``) was chosen by
 (``bench_fastpath.py --tune-gemv``: ``triton.testing.do_bench``, L2 flushed, no programmatic dependent launch).
 In a graph-captured decode step each GEMV starts while the kernel before it finishes, so another configuration
 may win there.  For each model this probe builds one engine with synthetic weights and, for each candidate of
-:data:`morphserve.kernels.gemv.CANDIDATES` at M = 1, installs it for every projection shape of the model that the table sends to Triton, recaptures
-the graphs and times batch-1 steps (:func:`bench_fastpath.decode_sweep`, context 512).  The shipped table runs
-first and last, so drift shows.
+:data:`morphserve.kernels.gemv.CANDIDATES` at M = 1, installs it for every projection shape of the model that the
+table sends to Triton, recaptures the graphs and times batch-1 steps (:func:`bench_fastpath.decode_sweep`, context
+512).  The shipped table runs first and last, so drift shows.
+
+``--descent`` searches per shape instead (largest first, the candidates of :data:`DESCENT`, the other shapes
+fixed), then times the shipped and the found table alternately three times; ``--write-tuning`` merges the found
+M = 1 entries into a tuning file (how the shipped ``gemv_tuning.json`` got its M = 1 entries).
 
     MORPHSERVE_DATA_MIRROR=... PYTHONPATH=. python3 benchmarks/probe_gemv_in_step.py --out in_step.json
+    MORPHSERVE_DATA_MIRROR=... PYTHONPATH=. python3 benchmarks/probe_gemv_in_step.py --descent \
+        --write-tuning morphserve/kernels/gemv_tuning.json --out descent.json
 """
 
 from __future__ import annotations

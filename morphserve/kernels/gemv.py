@@ -26,7 +26,7 @@ along K in ``BLOCK_K`` chunks, evicting them from L2 first (they are read once p
 (:func:`load_tuning`; ``benchmarks/bench_fastpath.py --tune-gemv`` measures :data:`CANDIDATES` against cuBLAS on
 every projection shape and writes the table, which also records, per shape and M, whether cuBLAS was faster), and
 otherwise from fixed rules.  The shipped table, ``gemv_tuning.json`` beside this file, holds the measurements of
-the GPUs this was tuned on (see ``benchmarks/BENCH_fastpath.md``).  Its M = 1 entries were chosen *inside* decode
+the GPUs this was tuned on (see BENCHMARKS.md, fast path).  Its M = 1 entries were chosen *inside* decode
 steps (``benchmarks/probe_gemv_in_step.py --descent --write-tuning``): there each GEMV starts under programmatic
 dependent launch and prefetches its first chunk, and a configuration the isolated sweep ranked lower (four rows per
 program, K split in two) made H200 batch-1 steps 4.4% (Llama-2-7B) and 5.4% (Llama-3-8B) faster than the isolated
