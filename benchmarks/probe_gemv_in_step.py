@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +41,12 @@ DESCENT = [G.GemvConfig(1, *c) for c in [(4, 1024, 4, 1, 2), (8, 512, 4, 1, 1), 
                                          (4, 1024, 8, 1, 2), (4, 1024, 2, 1, 2), (8, 512, 4, 1, 2), (2, 1024, 4, 1, 4)]]
 
 
-def install(dev_name: str, base: dict, shapes, config: "G.GemvConfig | None") -> None:
-    """The tuning table ``base``, with ``config`` for every M = 1 entry of ``shapes`` that ``base`` sends to
-    Triton (shapes left to cuBLAS stay there)."""
-    G._TABLE[dev_name] = dict(base)
-    if config is not None:
-        for n, k in shapes:
-            if base.get((n, k, 1), True) is not None:
-                G.set_tuned(dev_name, n, k, 1, config)
+def with_config(base: dict, shapes, config: "G.GemvConfig | None") -> dict:
+    """The tuning table ``base`` with ``config`` for every M = 1 entry of ``shapes`` that ``base`` sends to Triton
+    (shapes left to cuBLAS stay there; None: ``base`` unchanged)."""
+    if config is None:
+        return dict(base)
+    return base | {(n, k, 1): config for n, k in shapes if base.get((n, k, 1), True) is not None}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,12 +67,15 @@ def main(argv: list[str] | None = None) -> dict:
     dev_name = torch.cuda.get_device_name(dev)
     res = B.probe_start(a, dev)
     bw = res["copy"]["tb_per_s"] * 1e12
-    shipped = {key: c for key, c in G._TABLE.get(dev_name, {}).items()}
+    shipped = dict(G._TABLE.get(dev_name, {}))
     found = dict(shipped)
+    searched: set[tuple[int, int]] = set()  # shapes an earlier model already searched start from its choice
 
-    def step_s(eng, rng) -> float:
+    def b1_row(eng, rng, table: dict, reps: int) -> dict:
+        """One batch-1 sweep with ``table`` installed (graphs recaptured: configs are captured launches)."""
+        G._TABLE[dev_name] = dict(table)
         eng.runner.graphs.clear()
-        return B.decode_sweep(eng, [1], 512, a.reps, 3, bw, rng)[0]["step_gpu_s"]
+        return B.decode_sweep(eng, [1], 512, reps, 3, bw, rng)[0]
 
     try:
         for model in a.models.split(","):
@@ -85,58 +85,44 @@ def main(argv: list[str] | None = None) -> dict:
             runs = res.setdefault(model, [])
             if not a.descent:
                 for v in [None, *G.CANDIDATES[1], None]:  # None: the shipped table, first and last
-                    install(dev_name, shipped, shapes, v)
-                    eng.runner.graphs.clear()
-                    row = B.decode_sweep(eng, [1], 512, a.reps, 3, bw, rng)[0]
+                    row = b1_row(eng, rng, with_config(shipped, shapes, v), a.reps)
                     runs.append({"config": str(v) if v else "shipped", "row": row})
                     print(model, v or "shipped", round(row["step_gpu_s"] * 1e3, 3), round(row["gpu_over_floor"], 3),
                           flush=True)
                     a.out.write_text(json.dumps(res, indent=1, default=str))
             else:
                 tuned = [(n, k) for n, k in shapes if shipped.get((n, k, 1), True) is not None]
-                for n, k in tuned:  # shapes another model already tuned keep their choice
-                    if found.get((n, k, 1)) == shipped.get((n, k, 1)):
-                        found[(n, k, 1)] = DESCENT[0]
+                found.update({(n, k, 1): DESCENT[0] for n, k in tuned if (n, k) not in searched})
                 for n, k in sorted(tuned, key=lambda s: -s[0] * s[1]):
-                    times = {}
-                    for c in DESCENT:
-                        G._TABLE[dev_name] = dict(found)
-                        G.set_tuned(dev_name, n, k, 1, c)
-                        times[c] = step_s(eng, rng)
-                    cur = found[(n, k, 1)]
+                    times = {c: b1_row(eng, rng, found | {(n, k, 1): c}, a.reps)["step_gpu_s"] for c in DESCENT}
                     best = min(times, key=times.get)
-                    if times[best] < times[cur] * (1 - a.keep):
+                    if times[best] < times[found[(n, k, 1)]] * (1 - a.keep):
                         found[(n, k, 1)] = best
+                    searched.add((n, k))
                     runs.append({"shape": [n, k], "times_s": {str(c): t for c, t in times.items()},
                                  "chosen": str(found[(n, k, 1)])})
                     print(model, (n, k), "->", found[(n, k, 1)], round(times[found[(n, k, 1)]] * 1e3, 3), flush=True)
                     a.out.write_text(json.dumps(res, indent=1, default=str))
                 check = res.setdefault(f"{model}_check", [])
                 for name, table in [("shipped", shipped), ("found", found)] * 3:
-                    G._TABLE[dev_name] = dict(table)
-                    eng.runner.graphs.clear()
-                    row = B.decode_sweep(eng, [1], 512, 2 * a.reps, 3, bw, rng)[0]
+                    row = b1_row(eng, rng, table, 2 * a.reps)
                     check.append({"table": name, "row": row})
                     print(model, name, round(row["step_gpu_s"] * 1e3, 3), round(row["gpu_over_floor"], 3), flush=True)
                 a.out.write_text(json.dumps(res, indent=1, default=str))
             del eng
             torch.cuda.empty_cache()
+        if a.descent:
+            res["found_m1"] = [{"n": n, "k": k, "m": m, "config": str(c)} for (n, k, m), c in sorted(found.items())
+                               if m == 1]
+            a.out.write_text(json.dumps(res, indent=1, default=str))
+            if a.write_tuning:  # this device's rows become the found table (only M = 1 entries differ)
+                G._TABLE[dev_name] = found
+                data = json.loads(a.write_tuning.read_text())
+                data[dev_name] = G.tuning_rows(dev_name)
+                a.write_tuning.write_text(json.dumps(data, indent=1))
     finally:
         G._TABLE[dev_name] = shipped
-    if a.descent:
-        res["found_m1"] = [{"n": n, "k": k, "m": m, "config": str(c)} for (n, k, m), c in sorted(found.items())
-                           if m == 1]
-        a.out.write_text(json.dumps(res, indent=1, default=str))
-        if a.write_tuning:
-            data = json.loads(a.write_tuning.read_text())
-            rows = {(r["n"], r["k"], r["m"]): r for r in data.get(dev_name, [])}
-            for (n, k, m), c in found.items():
-                if m == 1 and c is not None:
-                    rows[(n, k, m)] = {"n": n, "k": k, "m": m, "config": asdict(c)}
-            data[dev_name] = [rows[key] for key in sorted(rows)]
-            a.write_tuning.write_text(json.dumps(data, indent=1))
     return res
-
 
 if __name__ == "__main__":
     main()

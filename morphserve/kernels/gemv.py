@@ -189,16 +189,13 @@ def _gemv_acc(acc, w, x, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _gemv_tile(w_ptrs, x_ptrs, acc, k0, k_hi, rk, nmask, mmask, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):
-    """``acc`` plus one ``BLOCK_K`` chunk of the product (columns ``k0:k0 + BLOCK_K``, masked at ``k_hi``)."""
+def _load_chunk(ptrs, k0, k_hi, rk, rows, EVEN_K: tl.constexpr, EVICT: tl.constexpr):
+    """One ``BLOCK_K`` chunk (columns ``k0:k0 + BLOCK_K``) of the rows ``rows`` masks in, masked at ``k_hi``
+    unless every split covers whole chunks (``EVEN_K``)."""
     if EVEN_K:
-        w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0, eviction_policy="evict_last")
+        return tl.load(ptrs, mask=rows[:, None], other=0.0, eviction_policy=EVICT)
     else:
-        kmask = (k0 + rk) < k_hi
-        w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_last")
-    return _gemv_acc(acc, w, x, BLOCK_M)
+        return tl.load(ptrs, mask=rows[:, None] & ((k0 + rk) < k_hi)[None, :], other=0.0, eviction_policy=EVICT)
 
 
 @triton.jit(do_not_specialize=["M"])  # M (rows) changes step by step; it only bounds masks: one variant for all
@@ -223,18 +220,17 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, s
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = k_lo
     if PREFETCH:  # the first weight chunk is loaded before the wait (module docstring, "Weight prefetch")
-        kmask0 = (k_lo + rk) < k_hi
-        w0 = tl.load(w_ptrs, mask=nmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_first")
-        pdl_wait(USE_PDL)
-        x0 = tl.load(x_ptrs, mask=mmask[:, None] & kmask0[None, :], other=0.0, eviction_policy="evict_last")
-        acc = _gemv_acc(acc, w0, x0, BLOCK_M)
+        w0 = _load_chunk(w_ptrs, k_lo, k_hi, rk, nmask, EVEN_K, "evict_first")
+    pdl_wait(USE_PDL)
+    if PREFETCH:
+        acc = _gemv_acc(acc, w0, _load_chunk(x_ptrs, k_lo, k_hi, rk, mmask, EVEN_K, "evict_last"), BLOCK_M)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         k_start = k_lo + BLOCK_K
-    else:
-        pdl_wait(USE_PDL)
     for k0 in range(k_start, k_hi, BLOCK_K):
-        acc = _gemv_tile(w_ptrs, x_ptrs, acc, k0, k_hi, rk, nmask, mmask, BLOCK_M, EVEN_K)
+        w = _load_chunk(w_ptrs, k0, k_hi, rk, nmask, EVEN_K, "evict_first")  # weights are read once per step
+        x = _load_chunk(x_ptrs, k0, k_hi, rk, mmask, EVEN_K, "evict_last")
+        acc = _gemv_acc(acc, w, x, BLOCK_M)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     pdl_trigger(USE_PDL)
