@@ -15,13 +15,11 @@ if not torch.cuda.is_available():
 
     enable_interpreter()
 
-from morphserve.kernels import attention as A  # noqa: E402
 from morphserve.kernels import reference as ref  # noqa: E402
 from morphserve.kernels.attention import (DecodeTuning, PagedAttentionMetadata, attention_flops,  # noqa: E402
                                           decode_splits, decode_tuning, paged_attention, paged_attention_decode, paged_attention_prefill,
                                           prefill_tile_map)
 from morphserve.kernels.kv_store import KVAddress, rope_and_store, store_kv  # noqa: E402
-from morphserve.kernels.split_workspace import splitk_workspace  # noqa: E402
 from morphserve.memory.kv_pool import KVPool  # noqa: E402
 from morphserve.model.config import ModelConfig  # noqa: E402
 
@@ -178,29 +176,6 @@ def test_decode_tunings_match_reference(heads, kv_heads, head_dim, tuning):
     for splits in (1, 3):
         meta = PagedAttentionMetadata.from_lists(qs, ctx_lens, tables, DEV, num_splits=splits)
         _close(paged_attention_decode(q, KVAddress.of(pool), 0, meta, 0.125, tuning), want, dtype)
-
-
-@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
-def test_decode_in_place_merge_matches_the_reduce_kernel_bit_for_bit(heads, kv_heads, head_dim, monkeypatch):
-    """Splits merged by each (sequence, KV head)'s last program (DECODE_MERGE_IN_PLACE) give the bits of the
-    separate merge kernel, repeatably, with empty splits and a zero-length context, and leave every arrival counter
-    at zero (a stale count would let a later tile merge before all its splits were written)."""
-    dtype = torch.float16
-    pool, _, ids = _pool(heads, kv_heads, head_dim, dtype)
-    _randomize(pool)
-    ctx_lens = [1, 70, 0, 33]
-    tables = _tables(ids, ctx_lens, seed=7)
-    qs = list(range(len(ctx_lens) + 1))
-    q = torch.randn(len(ctx_lens), heads, head_dim, device=DEV).to(dtype)
-    counters = splitk_workspace(q.device).counters
-    for splits in (3, 16):
-        meta = PagedAttentionMetadata.from_lists(qs, ctx_lens, tables, DEV, num_splits=splits)
-        monkeypatch.setattr(A, "DECODE_MERGE_IN_PLACE", False)
-        want = paged_attention_decode(q, KVAddress.of(pool), 1, meta, 0.125)
-        monkeypatch.setattr(A, "DECODE_MERGE_IN_PLACE", True)
-        for _ in range(2):
-            assert torch.equal(paged_attention_decode(q, KVAddress.of(pool), 1, meta, 0.125), want), splits
-            assert int(counters.count_nonzero()) == 0
 
 
 def test_decode_empty_context_rows_are_zero_and_segments_attached_later_are_read():

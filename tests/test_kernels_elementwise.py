@@ -20,7 +20,6 @@ from morphserve.kernels import gemv as G  # noqa: E402
 from morphserve.kernels.gemv import CANDIDATES, GemvConfig, enabled, gemv, linear_fp16, matmul  # noqa: E402
 from morphserve.kernels.norm import add_rms_norm, rms_norm  # noqa: E402
 from morphserve.kernels.rotary import rotary  # noqa: E402
-from morphserve.kernels.split_workspace import SplitKWorkspace  # noqa: E402
 from morphserve.memory.weight_arena import LayerWeights, Precision  # noqa: E402
 from morphserve.model.linear import linear  # noqa: E402
 
@@ -94,55 +93,6 @@ def test_gemv_matches_f_linear(m, k, prefetch, monkeypatch):
         got = gemv(x, w, cfg)
         err = (got.float() - want).abs().max().item()
         assert err <= 2e-3 * want.abs().max().item() + 1e-2, (cfg, err)
-
-
-@pytest.mark.parametrize("m", [1, 3, 40])
-def test_gemv_with_silu_mul_prologue_matches_the_two_kernels_bit_for_bit(m, monkeypatch):
-    """The down projection's fused form (silu(gate) * up computed as the GEMV loads its input) gives the bits of
-    the activation kernel followed by the GEMV, with and without split-K and on a ragged K; silu_mul_matmul takes
-    the fused kernel only where the GEMV would run, else the two kernels; a wrong input width names both shapes."""
-    dtype = torch.float16
-    gu, w = _rand(m, 2 * 200, dtype=dtype), _rand(40, 200, dtype=dtype)
-    act = silu_and_mul(gu)
-    bm = 1 if m == 1 else 16
-    for cfg in [None, GemvConfig(bm, 16, 64, 4, 1), GemvConfig(bm, 16, 32, 4, 1, split_k=4)]:
-        assert torch.equal(gemv(gu, w, cfg, silu_mul=True), gemv(act, w, cfg)), cfg
-    with enabled():
-        want = G.matmul(act, w)
-    calls = []
-    real = G.gemv
-    monkeypatch.setattr(G, "gemv", lambda *a, **kw: calls.append(kw.get("silu_mul", False)) or real(*a, **kw))
-    out = torch.empty(m, 40, dtype=dtype, device=DEV)
-    with enabled():
-        assert G.silu_mul_matmul(gu, w, out).data_ptr() == out.data_ptr() and torch.equal(out, want)
-    assert calls == ([True] if m <= G.MAX_M else [])  # M above MAX_M: the activation kernel, then F.linear
-    calls.clear()
-    assert torch.equal(G.silu_mul_matmul(gu, w), F.linear(act, w))  # outside the scope: activation, then F.linear
-    assert calls == []
-    with pytest.raises(ValueError, match=r"silu_mul.*\(%d, 200\).*\(40, 200\)" % m):
-        gemv(act, w, silu_mul=True)
-
-
-@pytest.mark.parametrize("m", [1, 3, 40])
-def test_gemv_splitk_in_place_matches_the_reduce_kernel_bit_for_bit(m, monkeypatch):
-    """Split-K partial sums added by each tile's last program (SPLITK_IN_PLACE) give the same bits as the separate
-    reduce kernel, repeatably, and leave every arrival counter at zero (a nonzero counter would make a later
-    tile finish early with missing partial sums)."""
-    dtype = torch.float16
-    x, w = _rand(m, 200, dtype=dtype), _rand(40, 200, dtype=dtype)
-    bm = 1 if m == 1 else 16
-    counters = G.splitk_workspace(x.device).counters
-    for cfg in [GemvConfig(bm, 16, 32, 4, 1, split_k=2), GemvConfig(bm, 16, 32, 4, 1, split_k=8)]:
-        monkeypatch.setattr(G, "SPLITK_IN_PLACE", False)
-        want = gemv(x, w, cfg)
-        monkeypatch.setattr(G, "SPLITK_IN_PLACE", True)
-        for _ in range(2):
-            assert torch.equal(gemv(x, w, cfg), want), cfg
-            assert int(counters.count_nonzero()) == 0
-    small = SplitKWorkspace(x.device, capacity=1, max_tiles=2)  # 40 outputs / 16 per tile = 3 tiles per M tile
-    monkeypatch.setattr(G, "splitk_workspace", lambda device: small)
-    with pytest.raises(ValueError, match=r"exceed the 2 split-K counters"):
-        gemv(x, w, GemvConfig(bm, 16, 32, 4, 1, split_k=2))
 
 
 @pytest.mark.parametrize("m", [1, 16])

@@ -16,14 +16,13 @@ if not torch.cuda.is_available():
 
     enable_interpreter()
     # kernels decorated before the interpreter was enabled would be compiled-mode functions: decorate them again
-    for _mod in ("morphserve.kernels.split_workspace", "morphserve.kernels.w4a16", "morphserve.kernels.w8a16"):
+    for _mod in ("morphserve.kernels.w4a16", "morphserve.kernels.w8a16"):
         if _mod in sys.modules:
             importlib.reload(sys.modules[_mod])
 
 import morphserve.quant  # noqa: E402,F401  (registers the W8/W4 layouts and the dispatch)
-from morphserve.kernels.split_workspace import splitk_workspace  # noqa: E402
-from morphserve.kernels.w4a16 import (GemmConfig, GemvConfig, w4a16_dequant_mm, w4a16_dequantize_t,  # noqa: E402
-                                      w4a16_gemm, w4a16_gemv, w4a16_matmul_ref)
+from morphserve.kernels.w4a16 import (GemmConfig, GemvConfig, splitk_workspace, w4a16_dequant_mm,  # noqa: E402
+                                      w4a16_dequantize_t, w4a16_gemm, w4a16_gemv, w4a16_matmul_ref)
 from morphserve.kernels.w8a16 import (w8a16_dequant_mm, w8a16_dequantize, w8a16_gemm, w8a16_gemv,  # noqa: E402
                                       w8a16_matmul_ref)
 from morphserve.memory.weight_arena import LayerWeights, Precision  # noqa: E402

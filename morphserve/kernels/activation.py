@@ -16,15 +16,6 @@ from morphserve.kernels.triton_support import launch_options
 
 
 @triton.jit
-def silu_mul(g, u):
-    """``silu(g) * u`` rounded as PyTorch does (silu in float32, rounded to ``g``'s dtype, product rounded again);
-    also the input prologue of the fused down projection (:func:`morphserve.kernels.gemv.gemv`, ``silu_mul``)."""
-    gf = g.to(tl.float32)
-    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-    return (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
-
-
-@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     pdl_trigger(USE_PDL)
@@ -33,7 +24,9 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.conste
     m = c < n
     g = tl.load(x_ptr + t * stride_x + c, mask=m, other=0.0)
     u = tl.load(x_ptr + t * stride_x + n + c, mask=m, other=0.0)
-    tl.store(out_ptr + t * stride_o + c, silu_mul(g, u), mask=m)
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    tl.store(out_ptr + t * stride_o + c, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -22,11 +22,8 @@ tile stops at its last row's causal bound.
 query heads of a KV head (GQA groups share each K/V tile; the group is padded to 16 rows for the tensor cores; MHA's
 single query row is padded the same way by default, :attr:`DecodeTuning.mha_dot`, or multiplied on the CUDA cores), and
 each sequence's context is cut into ``num_splits`` equal ranges rounded to ``BLOCK_N``.  With one split the kernel
-writes the output; otherwise each program writes its normalised partial output and log-sum-exp, and with
-:data:`DECODE_MERGE_IN_PLACE` counts its arrival (the counters of :func:`morphserve.kernels.split_workspace.splitk_workspace`,
-as the split-K GEMV does): the last split of a (sequence, KV head) merges all splits of its query heads and zeroes
-the counter.  Otherwise :func:`_decode_reduce_kernel` merges them in a second launch, with the same arithmetic
-(:func:`_merge_splits`), so both give the same bits.  ``num_splits`` depends only on the batch shape (never on the context
+writes the output; otherwise each program writes its normalised partial output and log-sum-exp, and
+:func:`_decode_reduce_kernel` merges them.  ``num_splits`` depends only on the batch shape (never on the context
 lengths), so one CUDA graph per batch size serves every context; a split past the end of a short context writes an
 empty partial (log-sum-exp ``-inf``).  A sequence with ``context_lens = 0`` (a padding row) yields zeros.
 """
@@ -42,14 +39,11 @@ import triton.language as tl
 
 from morphserve.kernels.kv_store import KVAddress, kv_row_ptrs
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
-from morphserve.kernels.triton_support import dot_precision, interpreting, launch_options
-from morphserve.kernels.split_workspace import splitk_arrive, splitk_workspace
+from morphserve.kernels.triton_support import dot_precision, launch_options
 
 PREFILL_BLOCK_M = 64  # query rows per prefill tile (the host's tile map uses it)
 PREFILL_BLOCK_N = 64
 MAX_DECODE_SPLITS = 16
-# The last split of each (sequence, KV head) merges the splits, instead of a second kernel (module docstring).
-DECODE_MERGE_IN_PLACE = True
 LOG2E = 1.4426950408889634
 
 
@@ -220,7 +214,6 @@ def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr
                    KVH: tl.constexpr, ELEM_BYTES: tl.constexpr,
                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                   cnt_ptr, MERGE: tl.constexpr, SPLITS_P2: tl.constexpr, FENCE: tl.constexpr,
                    USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     s = tl.program_id(0)
@@ -284,32 +277,6 @@ def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr
         tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=gmask[:, None])
         lse = m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))
         tl.store(part_lse_ptr + row, tl.where(l_i > 0, lse, float("-inf")), mask=gmask)
-        if MERGE:  # the (sequence, KV head)'s last split merges all splits (module docstring, "Decode")
-            tile = s * KVH + kvh
-            if splitk_arrive(cnt_ptr, tile, FENCE) == num_splits - 1:
-                for gi in tl.static_range(GROUP):
-                    _merge_splits(out_ptr, part_o_ptr, part_lse_ptr, s, kvh * GROUP + gi, num_splits, H, D,
-                                  SPLITS_P2, DTYPE)
-                tl.atomic_xchg(cnt_ptr + tile, 0)
-
-
-@triton.jit
-def _merge_splits(out_ptr, part_o_ptr, part_lse_ptr, s, h, num_splits, H: tl.constexpr, D: tl.constexpr,
-                  SPLITS_P2: tl.constexpr, DTYPE: tl.constexpr):
-    """Head ``h`` of sequence ``s``: the splits' partial outputs weighted by their softmax mass, into ``out``.
-    Loads bypass L1 (``.cg``): the partial results were written by other programs, possibly on other SMs."""
-    j = tl.arange(0, SPLITS_P2)
-    jmask = j < num_splits
-    row = (s * H + h) * num_splits + j
-    lse = tl.load(part_lse_ptr + row, mask=jmask, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
-    d = tl.arange(0, D)
-    o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=jmask[:, None], other=0.0, cache_modifier=".cg")
-    total = tl.sum(w, axis=0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + (s * H + h) * D + d, res.to(DTYPE))
 
 
 @triton.jit
@@ -317,8 +284,20 @@ def _decode_reduce_kernel(out_ptr, part_o_ptr, part_lse_ptr, num_splits, H: tl.c
                           SPLITS_P2: tl.constexpr, DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     pdl_trigger(USE_PDL)
-    _merge_splits(out_ptr, part_o_ptr, part_lse_ptr, tl.program_id(0), tl.program_id(1), num_splits, H, D,
-                  SPLITS_P2, DTYPE)
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    j = tl.arange(0, SPLITS_P2)
+    jmask = j < num_splits
+    row = (s * H + h) * num_splits + j
+    lse = tl.load(part_lse_ptr + row, mask=jmask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    d = tl.arange(0, D)
+    o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=jmask[:, None], other=0.0)
+    total = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + (s * H + h) * D + d, res.to(DTYPE))
 
 
 def _check(q: torch.Tensor, addr: KVAddress, meta: PagedAttentionMetadata) -> tuple[int, int, int]:
@@ -377,20 +356,14 @@ def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: P
     else:
         part_o = part_lse = out  # unused
     opts = launch_options(q.device)
-    merge = DECODE_MERGE_IN_PLACE and splits > 1
-    counters = splitk_workspace(q.device).counters
-    if merge and t * kvh > counters.numel():
-        raise ValueError(f"decode attention: {t} sequences x {kvh} KV heads exceed the {counters.numel()} split "
-                         f"counters")
     _decode_kernel[(t, kvh, splits)](
         q, out, part_o, part_lse, meta.context_lens, meta.block_tables, meta.block_tables.stride(0), addr.base,
         addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, scale * LOG2E, splits, H=heads,
         KVH=kvh, ELEM_BYTES=addr.elem_bytes,
         GROUP=group, GROUP_P2=group_rows, D=d, BS=addr.block_size,
         BLOCK_N=tuning.block_n, PREFETCH=tuning.prefetch, DTYPE=addr.dtype, DOT_PREC=dot_precision(q.dtype),
-        cnt_ptr=counters, MERGE=merge, SPLITS_P2=triton.next_power_of_2(MAX_DECODE_SPLITS), FENCE=not interpreting(),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **opts)
-    if splits > 1 and not merge:
+    if splits > 1:
         _decode_reduce_kernel[(t, heads)](out, part_o, part_lse, splits, H=heads, D=d,
                                           SPLITS_P2=triton.next_power_of_2(MAX_DECODE_SPLITS),
                                           DTYPE=addr.dtype, num_warps=4, **opts)

@@ -12,13 +12,8 @@ along K in ``BLOCK_K`` chunks, evicting them from L2 first (they are read once p
 * ``M > 1``: ``tl.dot`` on ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tiles (``BLOCK_M >= 16`` for the tensor
   cores; padding rows are masked).
 * **Split-K** (``split_k > 1``): K is cut into ``split_k`` ranges handled by separate programs, which write float32
-  partial sums.  Narrow outputs (N = 4096: the ``o`` and ``down`` projections of 7B/8B models) otherwise leave too
-  few programs to keep every multiprocessor streaming.  With :data:`SPLITK_IN_PLACE` each program then counts its
-  arrival at its output tile (the arrival counters of :func:`morphserve.kernels.split_workspace.splitk_workspace`, zero at
-  rest); the last one reads all partial sums from L2, adds them in split order, rounds, stores ``y`` and zeroes
-  the counter.  Otherwise a second small kernel adds them in the same order, so both give identical bits; the
-  in-place form saves a launch per projection (129 per Llama-2-7B decode step).  Partial sums go to a fresh
-  buffer per call and are fully written before they are read, so only the counters need to be zero at rest.
+  partial sums; a second small kernel adds them and rounds.  Narrow outputs (N = 4096: the ``o`` and ``down``
+  projections of 7B/8B models) otherwise leave too few programs to keep every multiprocessor streaming.
 * **Weight prefetch** (``M == 1``, :data:`PREFETCH_FIRST_CHUNK`): under programmatic dependent launch a program
   may start while the previous kernel is still finishing; it issues the load of its first weight chunk *before*
   ``pdl_wait`` and only the activation load after it, so that fetch overlaps the previous kernel's tail.  This is
@@ -56,11 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from morphserve.kernels.activation import silu_and_mul
-from morphserve.kernels.activation import silu_mul as _silu_mul
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
-from morphserve.kernels.triton_support import interpreting, launch_options
-from morphserve.kernels.split_workspace import splitk_arrive, splitk_workspace
+from morphserve.kernels.triton_support import launch_options
 from morphserve.memory.weight_arena import LayerWeights, Precision
 from morphserve.model.linear import dense_linear, output_buffer, register_linear
 
@@ -71,10 +63,6 @@ TUNED_MS = (1, 4, 8, 16, 32, 64)  # the M values a tuning table holds (an M uses
 
 # Load each program's first weight chunk before waiting for the previous kernel (M = 1 path; see the docstring).
 PREFETCH_FIRST_CHUNK = True
-# Split-K partial sums are added by each output tile's last program instead of a second kernel (see the docstring).
-SPLITK_IN_PLACE = True
-# The down projection computes silu(gate) * up as it loads its input (silu_mul_matmul), saving a kernel per layer.
-FUSE_SILU_MUL = True
 
 _ENABLED: ContextVar[bool] = ContextVar("morphserve_triton_linear", default=False)
 
@@ -210,23 +198,10 @@ def _load_chunk(ptrs, k0, k_hi, rk, rows, EVEN_K: tl.constexpr, EVICT: tl.conste
         return tl.load(ptrs, mask=rows[:, None] & ((k0 + rk) < k_hi)[None, :], other=0.0, eviction_policy=EVICT)
 
 
-@triton.jit
-def _load_x(ptrs, k0, k_hi, rk, rows, K, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
-    """One chunk of the activations: ``x`` itself, or with ``SILU_MUL`` ``silu(gate) * up`` computed from the rows
-    ``[gate | up]`` (``up`` ``K`` columns after ``gate``) exactly as :func:`morphserve.kernels.activation.silu_and_mul`
-    rounds it."""
-    if SILU_MUL:
-        return _silu_mul(_load_chunk(ptrs, k0, k_hi, rk, rows, EVEN_K, "evict_last"),
-                        _load_chunk(ptrs + K, k0, k_hi, rk, rows, EVEN_K, "evict_last"))
-    else:
-        return _load_chunk(ptrs, k0, k_hi, rk, rows, EVEN_K, "evict_last")
-
-
 @triton.jit(do_not_specialize=["M"])  # M (rows) changes step by step; it only bounds masks: one variant for all
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, IN_PLACE: tl.constexpr, FENCE: tl.constexpr, SILU_MUL: tl.constexpr,
-                 PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                 SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -248,13 +223,13 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, str
         w0 = _load_chunk(w_ptrs, k_lo, k_hi, rk, nmask, EVEN_K, "evict_first")
     pdl_wait(USE_PDL)
     if PREFETCH:
-        acc = _gemv_acc(acc, w0, _load_x(x_ptrs, k_lo, k_hi, rk, mmask, K, EVEN_K, SILU_MUL), BLOCK_M)
+        acc = _gemv_acc(acc, w0, _load_chunk(x_ptrs, k_lo, k_hi, rk, mmask, EVEN_K, "evict_last"), BLOCK_M)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         k_start = k_lo + BLOCK_K
     for k0 in range(k_start, k_hi, BLOCK_K):
         w = _load_chunk(w_ptrs, k0, k_hi, rk, nmask, EVEN_K, "evict_first")  # weights are read once per step
-        x = _load_x(x_ptrs, k0, k_hi, rk, mmask, K, EVEN_K, SILU_MUL)
+        x = _load_chunk(x_ptrs, k0, k_hi, rk, mmask, EVEN_K, "evict_last")
         acc = _gemv_acc(acc, w, x, BLOCK_M)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -268,17 +243,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, str
         tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=out_mask)
     else:
-        part = part_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]  # split s at part + s * M * N
-        tl.store(part + pid_k * M * N, y, mask=out_mask)
-        if IN_PLACE:  # the tile's last program adds the partial sums, in split order (module docstring, "Split-K")
-            tile = pid_m * tl.num_programs(0) + pid_n
-            if splitk_arrive(cnt_ptr, tile, FENCE) == SPLIT_K - 1:
-                total = tl.zeros_like(y)
-                for s in tl.static_range(SPLIT_K):
-                    total += tl.load(part + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :],
-                         total.to(y_ptr.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(cnt_ptr + tile, 0)
+        tl.store(part_ptr + (pid_k * M + rm[:, None]).to(tl.int64) * N + rn[None, :], y, mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -295,20 +260,16 @@ def _splitk_reduce_kernel(part_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexp
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None, out: torch.Tensor | None = None,
-         silu_mul: bool = False) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T`` for ``x`` ``[M, K]`` and ``w`` ``[N, K]`` (rows contiguous, same dtype); returns ``[M, N]``
-    (``out`` when given).  ``config`` defaults to the tuning table's entry, else :func:`gemv_config`.
-    ``silu_mul``: ``x`` is ``[M, 2K]`` (``[gate | up]``, the fused gate/up projection's output) and the product is
-    ``silu_and_mul(x) @ w.T``, with the activation computed as the weights stream (no separate kernel)."""
-    if (x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] * (2 if silu_mul else 1)
-            or x.dtype != w.dtype):
-        raise ValueError(f"gemv{' (silu_mul: x is [M, 2K])' if silu_mul else ''}: x {tuple(x.shape)} {x.dtype} "
-                         f"and w {tuple(w.shape)} {w.dtype} do not match")
+    (``out`` when given).  ``config`` defaults to the tuning table's entry, else :func:`gemv_config`."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.dtype != w.dtype:
+        raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype} do not match")
     if x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError(f"gemv needs rows with a contiguous last dim (x strides {x.stride()}, w {w.stride()})")
-    m = x.shape[0]
-    n, k = w.shape
+    m, k = x.shape
+    n = w.shape[0]
     if config is None:
         tuned = _tuned(x, n, k)
         config = tuned if isinstance(tuned, GemvConfig) else gemv_config(m, n, k)
@@ -324,18 +285,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None, out
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
     opts = launch_options(x.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
-    in_place = SPLITK_IN_PLACE and split > 1
-    counters = splitk_workspace(x.device).counters
-    if in_place and grid[0] * grid[1] > counters.numel():
-        raise ValueError(f"gemv: {grid[0] * grid[1]} output tiles ([{m}, {n}] by {cfg}) exceed the "
-                         f"{counters.numel()} split-K counters; use a larger block_n or split_k=1")
-    _gemv_kernel[grid](x, w, y, part, counters, m, n, k, x.stride(0), w.stride(0), y.stride(0), k_per_split,
+    _gemv_kernel[grid](x, w, y, part, m, n, k, x.stride(0), w.stride(0), y.stride(0), k_per_split,
                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                       EVEN_K=k_per_split * split == k, SPLIT_K=split, IN_PLACE=in_place, FENCE=not interpreting(),
-                       SILU_MUL=silu_mul,
+                       EVEN_K=k_per_split * split == k, SPLIT_K=split,
                        PREFETCH=PREFETCH_FIRST_CHUNK and cfg.block_m == 1, num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages, **opts)
-    if split > 1 and not in_place:
+    if split > 1:
         block = min(1024, triton.next_power_of_2(n))
         _splitk_reduce_kernel[(triton.cdiv(n, block), m)](part, y, m, n, y.stride(0), SPLIT_K=split, BLOCK=block,
                                                           num_warps=4, **opts)
@@ -357,14 +312,6 @@ def matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) ->
     """``x @ w.T`` by the Triton kernel where :func:`use_triton` says so, else ``F.linear`` (the reference);
     into ``out`` when given (``x`` 2-D)."""
     return gemv(x, w, out=out) if use_triton(x, w) else dense_linear(x, w, out)
-
-
-def silu_mul_matmul(gate_up: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu_and_mul(gate_up) @ w.T``: one fused Triton GEMV where :func:`use_triton` sends the product there and
-    :data:`FUSE_SILU_MUL` is on, else the activation kernel then :func:`matmul` (same bits either way)."""
-    if FUSE_SILU_MUL and use_triton(gate_up, w):
-        return gemv(gate_up, w, out=out, silu_mul=True)
-    return matmul(silu_and_mul(gate_up), w, out)
 
 
 def linear_fp16(x: torch.Tensor, lw: LayerWeights, name: str, out: torch.Tensor | None = None) -> torch.Tensor:

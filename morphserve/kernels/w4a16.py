@@ -48,7 +48,6 @@ import triton
 import triton.language as tl
 
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
-from morphserve.kernels.split_workspace import splitk_arrive, splitk_workspace
 from morphserve.kernels.triton_support import dot_precision, interpreting, launch_options
 from morphserve.model.linear import output_buffer
 from morphserve.quant.packing import W4_PACK, dequantize_w4
@@ -64,7 +63,40 @@ def w4a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return F.linear(x, dequantize_w4(qweight, scales, zeros, group_size).to(x.dtype))
 
 
-# ---- the shared epilogue (split-K through morphserve.kernels.split_workspace) ----------------------------------------
+# ---- split-K workspace and the shared epilogue --------------------------------------------------------------------
+class SplitKWorkspace:
+    """Float32 partial sums ``[capacity]`` (indexed ``m * N + n``) and one int32 arrival counter per output tile,
+    zero at rest.  Allocated once per device; kernels leave both zeroed when they finish."""
+
+    DEFAULT_CAPACITY = 1 << 23  # partial sums (32 MiB)
+    DEFAULT_MAX_TILES = 1 << 17
+
+    def __init__(self, device: torch.device, capacity: int = DEFAULT_CAPACITY, max_tiles: int = DEFAULT_MAX_TILES):
+        self.capacity = capacity
+        self.max_tiles = max_tiles
+        self.partials = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(max_tiles, dtype=torch.int32, device=device)
+
+    def check(self, m: int, n: int, tiles: int) -> None:
+        if m * n > self.capacity or tiles > self.max_tiles:
+            raise ValueError(f"split-K output [{m}, {n}] with {tiles} tiles exceeds the workspace "
+                             f"({self.capacity} partial sums, {self.max_tiles} tiles); use split_k=1")
+
+
+_WORKSPACES: dict[torch.device, SplitKWorkspace] = {}
+
+
+def splitk_workspace(device: torch.device) -> SplitKWorkspace:
+    """The per-device split-K workspace (created on first use, 32 MiB + 512 KiB)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ws = _WORKSPACES.get(device)
+    if ws is None:
+        ws = _WORKSPACES[device] = SplitKWorkspace(device)
+    return ws
+
+
 @triton.jit
 def store_tile(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE: tl.constexpr):
     """Write a float32 tile ``acc[BLOCK_M, BLOCK_N]`` to ``y`` (``[M, N]``, row-major), directly or, when
@@ -102,7 +134,12 @@ def _store_split(acc, y_ptr, ws_ptr, idx, mask, cnt_ptr, tile_id, split_k, FENCE
     if split_k > 1:
         ws_ptrs = ws_ptr + idx
         tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-        if splitk_arrive(cnt_ptr, tile_id, FENCE) == split_k - 1:
+        if FENCE:
+            tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [tile_id], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
+        if arrived == split_k - 1:
             total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # from L2, where atomics land
             tl.store(y_ptr + idx, total.to(y_ptr.dtype.element_ty), mask=mask)
             # The compiler may give the load above and the store below different thread layouts, so one thread can

@@ -30,9 +30,8 @@ import triton
 import triton.language as tl
 
 from morphserve.kernels.w4a16 import (_CHUNK_ALIGN, _SUPPORTED_DTYPES, GemmConfig, GemvConfig, _check_block,
-                                      _dot_mode, gemm_tile, store_tile, store_tile_t)
+                                      _dot_mode, gemm_tile, splitk_workspace, store_tile, store_tile_t)
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
-from morphserve.kernels.split_workspace import splitk_workspace
 from morphserve.kernels.triton_support import interpreting, launch_options
 from morphserve.model.linear import output_buffer
 from morphserve.quant.packing import dequantize_w8

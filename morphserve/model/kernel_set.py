@@ -9,8 +9,7 @@ operation              :class:`ReferenceKernels` (CPU path, truth)  :class:`Trit
 RMSNorm (+ residual)   ``reference.rms_norm`` / ``add_rms_norm``    :mod:`morphserve.kernels.norm` (in place)
 RoPE + KV store        ``reference.rotary`` + ``KVPool.store``      :func:`morphserve.kernels.kv_store.rope_and_store`
 paged attention        ``reference.paged_attention`` (per seq)      :mod:`morphserve.kernels.attention`
-SiLU-and-mul           ``reference.silu_and_mul``                   :mod:`morphserve.kernels.activation`; at FP16
-                                                                    the down projection's GEMV computes it instead
+SiLU-and-mul           ``reference.silu_and_mul``                   :mod:`morphserve.kernels.activation`
 projections            ``linear()`` -> ``F.linear``                 ``linear()`` -> Triton GEMV at small M (fp16/bf16)
 LM head                ``F.linear``                                 Triton GEMV at small M, else ``F.linear``
 =====================  ===========================================  ==============================================
@@ -42,8 +41,6 @@ import torch.nn.functional as F
 from morphserve.kernels import reference as ref
 from morphserve.kernels.triton_support import interpreting, triton_usable
 from morphserve.memory.kv_pool import KVPool
-from morphserve.memory.weight_arena import LayerWeights, Precision
-from morphserve.model.linear import linear
 
 if TYPE_CHECKING:
     from morphserve.model.llama import ForwardBatch, LlamaModel
@@ -87,11 +84,6 @@ class KernelSet(ABC):
 
     @abstractmethod
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
-
-    def silu_and_mul_linear(self, gate_up: torch.Tensor, lw: LayerWeights, name: str,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
-        """``linear(silu_and_mul(gate_up), lw, name, out)`` (the MLP's down projection); kernel sets may fuse."""
-        return linear(self.silu_and_mul(gate_up), lw, name, out)
 
     @abstractmethod
     def lm_head(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -244,11 +236,6 @@ class TritonKernels(KernelSet):
 
     def silu_and_mul(self, gate_up):
         return self._activation.silu_and_mul(gate_up)
-
-    def silu_and_mul_linear(self, gate_up, lw, name, out=None):
-        if lw.precision is Precision.FP16:  # the activation is the fp16 GEMV's input prologue where it runs
-            return self._gemv.silu_mul_matmul(gate_up, lw.tensors[name], out)
-        return super().silu_and_mul_linear(gate_up, lw, name, out)
 
     def lm_head(self, h, weight):
         return self._gemv.matmul(h, weight).float()

@@ -155,7 +155,7 @@ class LlamaModel:
         q = ks.rope_and_store(linear(h, lw, "qkv"), state, pool, lw.index)
         x = linear(ks.attention(q, state, pool, lw.index), lw, "o")
         h, residual = ks.add_rms_norm(x, residual, lw["post_norm"], eps)
-        x = ks.silu_and_mul_linear(linear(h, lw, "gate_up"), lw, "down", out)
+        x = linear(ks.silu_and_mul(linear(h, lw, "gate_up")), lw, "down", out)
         return x, residual
 
     def head(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, ks: KernelSet) -> torch.Tensor:

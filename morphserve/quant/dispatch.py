@@ -186,7 +186,7 @@ _W8_GEMV_STEP = 256  # input features per step of the W8 GEMV
 
 
 def _split_options(kind: str, tiles: int, max_split: int, num_sms: int, m: int, n: int) -> list[int]:
-    from morphserve.kernels.split_workspace import SplitKWorkspace
+    from morphserve.kernels.w4a16 import SplitKWorkspace
 
     opts = {1}
     if m * n <= SplitKWorkspace.DEFAULT_CAPACITY:
