@@ -112,28 +112,6 @@ def test_rope_and_store_matches_reference(heads, kv_heads, head_dim):
     assert torch.equal(v_got, v_want)  # values are stored as they are
 
 
-@pytest.mark.parametrize("splits", [2, 4])
-def test_rope_and_store_reads_split_k_sums_bit_for_bit(splits):
-    """Given a projection's split-K partial sums (SplitSums), rope_and_store adds them as it loads and gives the
-    bits of the reduce kernel followed by rope_and_store: the queries and the stored keys and values."""
-    from morphserve.kernels.gemv import finish
-    from morphserve.kernels.split_sums import SplitSums
-
-    heads, kv_heads, head_dim, dtype, n = 6, 2, 64, torch.float16, 5
-    got_pool, _, ids = _pool(heads, kv_heads, head_dim, dtype)
-    want_pool, _, _ = _pool(heads, kv_heads, head_dim, dtype)
-    table = _tables(ids, [n])[0]
-    slots = torch.tensor([table[p // BS] * BS + p % BS for p in range(n)], device=DEV)
-    sums = SplitSums(torch.randn(splits, n, (heads + 2 * kv_heads) * head_dim, device=DEV), dtype)
-    positions = torch.arange(n, device=DEV)
-    cos, sin = torch.randn(16, head_dim, device=DEV).to(dtype), torch.randn(16, head_dim, device=DEV).to(dtype)
-    q_got = rope_and_store(sums, heads, positions, cos, sin, KVAddress.of(got_pool), 1, slots)
-    q_want = rope_and_store(finish(sums), heads, positions, cos, sin, KVAddress.of(want_pool), 1, slots)
-    assert torch.equal(q_got, q_want)
-    ids_t = torch.tensor(table, device=DEV)
-    assert all(torch.equal(a, b) for a, b in zip(got_pool.gather(1, ids_t, n), want_pool.gather(1, ids_t, n)))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
 def test_prefill_matches_reference(heads, kv_heads, head_dim, dtype):

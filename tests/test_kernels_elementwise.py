@@ -95,31 +95,6 @@ def test_gemv_matches_f_linear(m, k, prefetch, monkeypatch):
         assert err <= 2e-3 * want.abs().max().item() + 1e-2, (cfg, err)
 
 
-@pytest.mark.parametrize("m", [1, 3])
-def test_split_k_sums_are_consumed_bit_for_bit(m):
-    """A deferred split-K product (gemv(defer=True)) read by add_rms_norm, rms_norm and silu_and_mul gives the bits
-    of the reduced product; finish() gives the reduced product itself; without split-K, defer returns the tensor."""
-    from morphserve.kernels.split_sums import SplitSums
-
-    dtype = torch.float16
-    x, w = _rand(m, 200, dtype=dtype), _rand(64, 200, dtype=dtype)
-    bm = 1 if m == 1 else 16
-    for split in (2, 4):
-        cfg = GemvConfig(bm, 16, 32, 4, 1, split_k=split)
-        sums, want = gemv(x, w, cfg, defer=True), gemv(x, w, cfg)
-        assert isinstance(sums, SplitSums) and sums.shape == (m, 64) and torch.equal(G.finish(sums), want)
-        nw = _rand(64, dtype=dtype)
-        assert torch.equal(rms_norm(sums, nw, 1e-5), rms_norm(want, nw, 1e-5))
-        res_a, res_b = _rand(m, 64, dtype=dtype), None
-        res_b = res_a.clone()
-        h_a, _ = add_rms_norm(sums, res_a, nw, 1e-5)
-        h_b, _ = add_rms_norm(want, res_b, nw, 1e-5)
-        assert torch.equal(h_a, h_b) and torch.equal(res_a, res_b)
-        assert torch.equal(silu_and_mul(sums), silu_and_mul(want))
-    plain = gemv(x, w, GemvConfig(bm, 16, 32, 4, 1), defer=True)
-    assert isinstance(plain, torch.Tensor) and G.finish(plain) is plain
-
-
 @pytest.mark.parametrize("m", [1, 16])
 def test_gemv_and_linear_write_into_out(m):
     """``out=`` (how a per-layer CUDA graph hands its output to the next layer's graph): the result lands in the

@@ -52,7 +52,6 @@ import triton
 import triton.language as tl
 
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
-from morphserve.kernels.split_sums import SplitSums
 from morphserve.kernels.triton_support import launch_options
 from morphserve.memory.weight_arena import LayerWeights, Precision
 from morphserve.model.linear import dense_linear, output_buffer, register_linear
@@ -64,8 +63,6 @@ TUNED_MS = (1, 4, 8, 16, 32, 64)  # the M values a tuning table holds (an M uses
 
 # Load each program's first weight chunk before waiting for the previous kernel (M = 1 path; see the docstring).
 PREFETCH_FIRST_CHUNK = True
-# The Triton kernel set hands split-K partial sums to the consuming kernel instead of reducing them (split_sums).
-DEFER_SPLITK_SUMS = True
 
 _ENABLED: ContextVar[bool] = ContextVar("morphserve_triton_linear", default=False)
 
@@ -264,11 +261,9 @@ def _splitk_reduce_kernel(part_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexp
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None,
-         out: torch.Tensor | None = None, defer: bool = False) -> "torch.Tensor | SplitSums":
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T`` for ``x`` ``[M, K]`` and ``w`` ``[N, K]`` (rows contiguous, same dtype); returns ``[M, N]``
-    (``out`` when given).  ``config`` defaults to the tuning table's entry, else :func:`gemv_config`.
-    ``defer`` (without ``out``): a split-K product returns its partial sums as
-    :class:`~morphserve.kernels.split_sums.SplitSums` instead of adding them (:func:`finish` adds them)."""
+    (``out`` when given).  ``config`` defaults to the tuning table's entry, else :func:`gemv_config`."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.dtype != w.dtype:
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype} do not match")
     if x.stride(1) != 1 or w.stride(1) != 1:
@@ -296,25 +291,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None,
                        PREFETCH=PREFETCH_FIRST_CHUNK and cfg.block_m == 1, num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages, **opts)
     if split > 1:
-        if defer and out is None:
-            return SplitSums(part, x.dtype)
-        _reduce(part, y)
-    return y
-
-
-def _reduce(part: torch.Tensor, y: torch.Tensor) -> None:
-    split, m, n = part.shape
-    block = min(1024, triton.next_power_of_2(n))
-    _splitk_reduce_kernel[(triton.cdiv(n, block), m)](part, y, m, n, y.stride(0), SPLIT_K=split, BLOCK=block,
-                                                      num_warps=4, **launch_options(part.device))
-
-
-def finish(x: "torch.Tensor | SplitSums") -> torch.Tensor:
-    """``x`` as a tensor: deferred split-K sums added (the reduce kernel), a tensor returned as is."""
-    if not isinstance(x, SplitSums):
-        return x
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _reduce(x.part, y)
+        block = min(1024, triton.next_power_of_2(n))
+        _splitk_reduce_kernel[(triton.cdiv(n, block), m)](part, y, m, n, y.stride(0), SPLIT_K=split, BLOCK=block,
+                                                          num_warps=4, **opts)
     return y
 
 

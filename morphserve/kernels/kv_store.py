@@ -34,7 +34,6 @@ import triton.language as tl
 
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.rotary import rope_rotate
-from morphserve.kernels.split_sums import SplitSums, input_args, load_input
 from morphserve.kernels.triton_support import launch_options, tl_dtype
 from morphserve.memory.kv_pool import KVPool
 
@@ -126,8 +125,7 @@ def _store_kv_kernel(k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, s
 def _rope_store_kernel(qkv_ptr, stride_t, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kv_ptr, seg_base_ptr,
                        shift, block_stride, base_addr, layer, H: tl.constexpr, H_P2: tl.constexpr,
                        KVH: tl.constexpr, KVH_P2: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-                       ELEM_BYTES: tl.constexpr, split_stride, SPLITS: tl.constexpr, DTYPE: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+                       ELEM_BYTES: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     pdl_trigger(USE_PDL)
     t = tl.program_id(0)
@@ -141,17 +139,17 @@ def _rope_store_kernel(qkv_ptr, stride_t, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, 
     # an element as a partner and the thread that overwrites it)
     hq = tl.arange(0, H_P2)[:, None]
     qmask = hq < H
-    q = load_input(row, hq * D + d, qmask, SPLITS, split_stride, DTYPE)
-    qp = load_input(row, hq * D + dp, qmask, SPLITS, split_stride, DTYPE)
+    q = tl.load(row + hq * D + d, mask=qmask, other=0.0)
+    qp = tl.load(row + hq * D + dp, mask=qmask, other=0.0)
     tl.store(q_out_ptr + t * (H * D) + hq * D + d, rope_rotate(q, qp, cos, sin, d, D // 2), mask=qmask)
     slot = tl.load(slot_ptr + t)
     if slot >= 0:
         h = tl.arange(0, KVH_P2)[:, None]
         hmask = h < KVH
         krow = row + H * D
-        k = load_input(krow, h * D + d, hmask, SPLITS, split_stride, DTYPE)
-        kp = load_input(krow, h * D + dp, hmask, SPLITS, split_stride, DTYPE)
-        v = load_input(krow, KVH * D + h * D + d, hmask, SPLITS, split_stride, DTYPE)
+        k = tl.load(krow + h * D + d, mask=hmask, other=0.0)
+        kp = tl.load(krow + h * D + dp, mask=hmask, other=0.0)
+        v = tl.load(krow + KVH * D + h * D + d, mask=hmask, other=0.0)
         k = rope_rotate(k, kp, cos, sin, d, D // 2)
         _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, hmask, KVH, KVH_P2,
                     BS, D, ELEM_BYTES)
@@ -180,16 +178,14 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, addr: KVAddress, layer: int, slot
                                **launch_options(k.device))
 
 
-def rope_and_store(qkv: "torch.Tensor | SplitSums", num_heads: int, positions: torch.Tensor, cos: torch.Tensor,
+def rope_and_store(qkv: torch.Tensor, num_heads: int, positions: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, addr: KVAddress, layer: int, slot_mapping: torch.Tensor) -> torch.Tensor:
     """From the fused projection ``qkv`` (``[T, (heads + 2 * kv_heads) * head_dim]``, rows contiguous): returns
     the rotated queries ``[T, heads, head_dim]`` and stores the rotated keys and the values of ``layer`` into the
-    cache at ``slot_mapping``.  ``cos``/``sin`` are the full tables, ``positions`` the tokens' positions.  ``qkv``
-    may be the projection's split-K sums (:class:`~morphserve.kernels.split_sums.SplitSums`)."""
+    cache at ``slot_mapping``.  ``cos``/``sin`` are the full tables, ``positions`` the tokens' positions."""
     t = qkv.shape[0]
     d, kvh = addr.head_dim, addr.num_kv_heads
-    if (len(qkv.shape) != 2 or qkv.shape[1] != (num_heads + 2 * kvh) * d
-            or (isinstance(qkv, torch.Tensor) and qkv.stride(1) != 1)):
+    if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * kvh) * d or qkv.stride(1) != 1:
         raise ValueError(f"rope_and_store: qkv {tuple(qkv.shape)} must be [T, {(num_heads + 2 * kvh) * d}] "
                          f"with contiguous rows")
     if positions.shape != (t,):
@@ -197,11 +193,9 @@ def rope_and_store(qkv: "torch.Tensor | SplitSums", num_heads: int, positions: t
     _check_slots(slot_mapping, t)
     q = torch.empty((t, num_heads, d), dtype=qkv.dtype, device=qkv.device)
     if t:
-        xp, stride_x, splits, split_stride = input_args(qkv)
-        _rope_store_kernel[(t,)](xp, stride_x, q, positions, cos, sin, slot_mapping, addr.base,
+        _rope_store_kernel[(t,)](qkv, qkv.stride(0), q, positions, cos, sin, slot_mapping, addr.base,
                                  addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer,
                                  H=num_heads, H_P2=triton.next_power_of_2(num_heads), KVH=kvh,
                                  KVH_P2=triton.next_power_of_2(kvh), BS=addr.block_size, D=d,
-                                 ELEM_BYTES=addr.elem_bytes, split_stride=split_stride, SPLITS=splits,
-                                 DTYPE=tl_dtype(qkv.dtype), **launch_options(qkv.device))
+                                 ELEM_BYTES=addr.elem_bytes, **launch_options(qkv.device))
     return q

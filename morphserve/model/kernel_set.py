@@ -41,8 +41,6 @@ import torch.nn.functional as F
 from morphserve.kernels import reference as ref
 from morphserve.kernels.triton_support import interpreting, triton_usable
 from morphserve.memory.kv_pool import KVPool
-from morphserve.memory.weight_arena import LayerWeights, Precision
-from morphserve.model.linear import linear
 
 if TYPE_CHECKING:
     from morphserve.model.llama import ForwardBatch, LlamaModel
@@ -86,15 +84,6 @@ class KernelSet(ABC):
 
     @abstractmethod
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
-
-    def linear_deferred(self, x: torch.Tensor, lw: LayerWeights, name: str) -> Any:
-        """``linear(x, lw, name)`` for a result that only this set's kernels consume; a set may return a deferred
-        form they read directly (the Triton set: split-K partial sums).  Default: the tensor."""
-        return linear(x, lw, name)
-
-    def finish(self, x: Any) -> torch.Tensor:
-        """A :meth:`linear_deferred` result as a tensor."""
-        return x
 
     @abstractmethod
     def lm_head(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -247,15 +236,6 @@ class TritonKernels(KernelSet):
 
     def silu_and_mul(self, gate_up):
         return self._activation.silu_and_mul(gate_up)
-
-    def linear_deferred(self, x, lw, name):
-        g = self._gemv
-        if g.DEFER_SPLITK_SUMS and lw.precision is Precision.FP16 and g.use_triton(x, lw.tensors[name]):
-            return g.gemv(x, lw.tensors[name], defer=True)
-        return linear(x, lw, name)
-
-    def finish(self, x):
-        return self._gemv.finish(x)
 
     def lm_head(self, h, weight):
         return self._gemv.matmul(h, weight).float()

@@ -152,16 +152,13 @@ class LlamaModel:
             residual, h = x, ks.rms_norm(x, lw["input_norm"], eps)
         else:
             h, residual = ks.add_rms_norm(x, residual, lw["input_norm"], eps)
-        q = ks.rope_and_store(ks.linear_deferred(h, lw, "qkv"), state, pool, lw.index)
-        x = ks.linear_deferred(ks.attention(q, state, pool, lw.index), lw, "o")
+        q = ks.rope_and_store(linear(h, lw, "qkv"), state, pool, lw.index)
+        x = linear(ks.attention(q, state, pool, lw.index), lw, "o")
         h, residual = ks.add_rms_norm(x, residual, lw["post_norm"], eps)
-        act = ks.silu_and_mul(ks.linear_deferred(h, lw, "gate_up"))
-        # without ``out`` the next layer's add_rms_norm (or head) takes the result in whatever form ks gives it
-        x = linear(act, lw, "down", out) if out is not None else ks.linear_deferred(act, lw, "down")
+        x = linear(ks.silu_and_mul(linear(h, lw, "gate_up")), lw, "down", out)
         return x, residual
 
     def head(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, ks: KernelSet) -> torch.Tensor:
         """float32 logits of ``rows`` after the last layer (the final norm is row-wise: only those rows)."""
-        x = ks.finish(x)
         h, _ = ks.add_rms_norm(x[rows], residual[rows], self.final_norm, self.cfg.rms_norm_eps)
         return ks.lm_head(h, self.lm_head)
