@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,20 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
     kernels = {"this tree": G._gemv_kernel, old_name: old_kernel(source)}
     dev = torch.device("cuda")
     res = B.probe_start(a, dev)
-    bw = res["copy"]["tb_per_s"] * 1e12
     try:
-        for model in a.models.split(","):
-            eng = B.probe_engine(model, dev)
-            rng = np.random.default_rng(0)
-            for name in list(kernels) * a.rounds:
-                G._gemv_kernel = kernels[name]
-                eng.runner.graphs.clear()  # the kernel is captured: recapture
-                row = B.decode_sweep(eng, [1], 512, a.reps, 3, bw, rng)[0]
-                res.setdefault(model, []).append({"kernel": name, "row": row})
-                print(model, name, round(row["step_gpu_s"] * 1e3, 3), round(row["gpu_over_floor"], 3), flush=True)
-                a.out.write_text(json.dumps(res, indent=1, default=str))
-            del eng
-            torch.cuda.empty_cache()
+        B.alternate_b1(res, a.models.split(","), {name: lambda k=k: setattr(G, "_gemv_kernel", k)
+                                                   for name, k in kernels.items()},
+                       a.rounds, a.reps, a.out, dev, key="kernel")
     finally:
         G._gemv_kernel = kernels["this tree"]
     return res

@@ -202,6 +202,27 @@ def probe_engine(name: str, device: torch.device) -> LLMEngine:
     return eng
 
 
+def alternate_b1(res: dict[str, Any], models: list[str], settings: dict[str, Callable[[], None]], rounds: int,
+                 reps: int, out: Path, device: torch.device, key: str = "variant") -> None:
+    """An A/B probe's loop: per model one :func:`probe_engine`; each of ``settings`` applied in turn, ``rounds``
+    times, the graphs recaptured after each and one batch-1 sweep timed (context 512).  Rows go to ``res[model]``
+    as ``{key: name, "row": ...}``; ``res`` (with :func:`probe_start`'s copy rate) is rewritten to ``out`` after
+    each."""
+    bw = res["copy"]["tb_per_s"] * 1e12
+    for model in models:
+        eng = probe_engine(model, device)
+        rng = np.random.default_rng(0)
+        for name in list(settings) * rounds:
+            settings[name]()
+            eng.runner.graphs.clear()  # a setting changes captured launches: recapture
+            row = decode_sweep(eng, [1], 512, reps, 3, bw, rng)[0]
+            res.setdefault(model, []).append({key: name, "row": row})
+            print(model, name, round(row["step_gpu_s"] * 1e3, 3), round(row["gpu_over_floor"], 3), flush=True)
+            out.write_text(json.dumps(res, indent=1, default=str))
+        del eng
+        torch.cuda.empty_cache()
+
+
 def weight_read_bytes(engine: LLMEngine, batch: int) -> int:
     """Bytes of weights a decode step reads: every layer tensor, the final norm, the LM head, B embedding rows."""
     m = engine.model

@@ -13,11 +13,9 @@ what any way of adding the partial sums elsewhere could save.  Not a configurati
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,21 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("probe_splitk_bound needs a CUDA GPU")
     dev = torch.device("cuda")
     res = B.probe_start(a, dev)
-    bw = res["copy"]["tb_per_s"] * 1e12
     real = G._splitk_reduce_kernel
     try:
-        for model in a.models.split(","):
-            eng = B.probe_engine(model, dev)
-            rng = np.random.default_rng(0)
-            for v in ["real", "skip"] * a.rounds:
-                G._splitk_reduce_kernel = real if v == "real" else _Skip()
-                eng.runner.graphs.clear()  # the launches are captured: recapture
-                row = B.decode_sweep(eng, [1], 512, a.reps, 3, bw, rng)[0]
-                res.setdefault(model, []).append({"variant": v, "row": row})
-                print(model, v, round(row["step_gpu_s"] * 1e3, 3), round(row["gpu_over_floor"], 3), flush=True)
-                a.out.write_text(json.dumps(res, indent=1, default=str))
-            del eng
-            torch.cuda.empty_cache()
+        B.alternate_b1(res, a.models.split(","), {"real": lambda: setattr(G, "_splitk_reduce_kernel", real),
+                                                   "skip": lambda: setattr(G, "_splitk_reduce_kernel", _Skip())},
+                       a.rounds, a.reps, a.out, dev)
     finally:
         G._splitk_reduce_kernel = real
     return res
