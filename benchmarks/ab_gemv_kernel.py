@@ -13,6 +13,7 @@ batch-1 steps (context 512), recapturing the graphs at each switch.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def old_kernel(source: str):
     """The ``_gemv_kernel`` of another gemv.py (its module re-registers the FP16 linear: registered back here)."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(source)
+    atexit.register(Path(f.name).unlink)  # kept until exit: Triton may read the source again when it compiles
     spec = importlib.util.spec_from_file_location("gemv_old", f.name)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["gemv_old"] = mod  # dataclasses look their module up
