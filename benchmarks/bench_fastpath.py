@@ -202,6 +202,13 @@ def probe_engine(name: str, device: torch.device) -> LLMEngine:
     return eng
 
 
+def b1_step(engine: LLMEngine, reps: int, bw: float, rng: np.random.Generator) -> dict[str, Any]:
+    """One batch-1 decode sweep (context 512) after dropping the captured graphs, so a probe's new setting (a
+    kernel, a configuration, a switch) is what the step replays."""
+    engine.runner.graphs.clear()
+    return decode_sweep(engine, [1], 512, reps, 3, bw, rng)[0]
+
+
 def alternate_b1(res: dict[str, Any], models: list[str], settings: dict[str, Callable[[], None]], rounds: int,
                  reps: int, out: Path, device: torch.device, key: str = "variant") -> None:
     """An A/B probe's loop: per model one :func:`probe_engine`; each of ``settings`` applied in turn, ``rounds``
@@ -214,8 +221,7 @@ def alternate_b1(res: dict[str, Any], models: list[str], settings: dict[str, Cal
         rng = np.random.default_rng(0)
         for name in list(settings) * rounds:
             settings[name]()
-            eng.runner.graphs.clear()  # a setting changes captured launches: recapture
-            row = decode_sweep(eng, [1], 512, reps, 3, bw, rng)[0]
+            row = b1_step(eng, reps, bw, rng)
             res.setdefault(model, []).append({key: name, "row": row})
             print(model, name, round(row["step_gpu_s"] * 1e3, 3), round(row["gpu_over_floor"], 3), flush=True)
             out.write_text(json.dumps(res, indent=1, default=str))

@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     def b1_row(eng, rng, table: dict, reps: int) -> dict:
         """One batch-1 sweep with ``table`` installed (graphs recaptured: configs are captured launches)."""
         G._TABLE[dev_name] = dict(table)
-        eng.runner.graphs.clear()
-        return B.decode_sweep(eng, [1], 512, reps, 3, bw, rng)[0]
+        return B.b1_step(eng, reps, bw, rng)
 
     try:
         for model in a.models.split(","):
@@ -123,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         G._TABLE[dev_name] = shipped
     return res
+
 
 if __name__ == "__main__":
     main()
