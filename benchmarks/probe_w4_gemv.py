@@ -50,6 +50,19 @@ def _valid(cfg: GemvConfig) -> bool:
     return 1 <= per_thread <= 8
 
 
+def late_space() -> list[GemvConfig]:
+    """The pipelined kernel with one accumulator per word row (``late``: no cross-thread reduction in the loop), at
+    most 32 words per thread and step (more spills on sm_90), next to the dispatcher's current W4 GEMV candidates."""
+    from morphserve.memory.weight_arena import Precision
+    from morphserve.quant.dispatch import _GEMV_SHAPES
+
+    splits = (1, 2, 4, 8, 16, 32)
+    space = [GemvConfig(bn, w, sk, *rest) for bn, w, *rest in _GEMV_SHAPES[Precision.W4] for sk in splits]
+    space += [GemvConfig(bn, w, sk, st, rs, late=True) for bn, w, st, rs, sk in itertools.product(
+        (128, 256, 512), (1, 2, 4), (1, 2, 3, 4), (4, 8, 16), splits) if rs * bn // (32 * w) <= 32]
+    return [c for c in space if _valid(c)]
+
+
 def sweep_space() -> list[GemvConfig]:
     space = [GemvConfig(bn, w, sk) for bn, w, sk in itertools.product((64, 128, 256, 512), (1, 2, 4),
                                                                      (1, 2, 4, 8, 16, 32))]
@@ -67,7 +80,7 @@ def copy_bandwidth(timer: Timer) -> float:
 def run_sweep(args: argparse.Namespace, timer: Timer) -> dict:
     bw = copy_bandwidth(timer)
     rows = []
-    space = sweep_space()
+    space = late_space() if args.space == "late" else sweep_space()
     for n, k in tqdm(SHAPES, desc="shapes"):
         qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
         s = (torch.rand(k // GROUP, n, device="cuda") * 0.01).half()
@@ -92,12 +105,17 @@ def run_sweep(args: argparse.Namespace, timer: Timer) -> dict:
                     failed[cfg.name] = repr(exc)[:300]
             best = sorted((v, c) for c, v in times.items())
             reg = [(v, c) for v, c in best if ",p" not in c]
+            late = [(v, c) for v, c in best if ",late" in c]
             row = {"n": n, "k": k, "m": m, "fp16_us": fp16, "bytes": nbytes, "best": best[:8],
-                   "best_register_prefetch": reg[:3], "times": times, "failed": failed}
+                   "best_register_prefetch": reg[:3], "best_late": late[:3],
+                   "best_not_late": [(v, c) for v, c in best if ",late" not in c][:3], "times": times,
+                   "failed": failed}
             rows.append(row)
             tqdm.write(f"{n}x{k} m={m}: fp16 {fp16:.1f} us; best {best[0][1]} {best[0][0]:.1f} us "
                        f"({fp16 / best[0][0]:.2f}x, {nbytes / (best[0][0] * 1e-6) / bw:.2f} of copy BW); "
-                       f"register-prefetch best {reg[0][1]} {reg[0][0]:.1f} us; {len(failed)} failed")
+                       f"register-prefetch best {reg[0][1]} {reg[0][0]:.1f} us; "
+                       + (f"late best {late[0][1]} {late[0][0]:.1f} us; " if late else "")
+                       + f"{len(failed)} failed")
     return {"copy_bw": bw, "rows": rows}
 
 
@@ -155,6 +173,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["sweep", "pattern"])
     ap.add_argument("--m", type=int, nargs="+", default=[1], help="rows of x (sweep)")
+    ap.add_argument("--space", choices=["all", "late"], default="all",
+                    help="sweep: every configuration (all) or the late-reduction kernel against the dispatcher's "
+                         "current candidates (late)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

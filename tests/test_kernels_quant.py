@@ -100,7 +100,9 @@ def test_w4_gemv_matches_reference(m, n, k, g, dtype):
     q, x = _w4(n, k, g, dtype), _x(m, k, dtype)
     ref = _ref64(x, q.dequantize())
     for cfg in (GemvConfig(32, 1), GemvConfig(16, 1, split_k=2), GemvConfig(32, 1, split_k=2, stages=3),
-                GemvConfig(16, 1, stages=2, rows_step=4), GemvConfig(64, 2, split_k=3, stages=1, rows_step=16)):
+                GemvConfig(16, 1, stages=2, rows_step=4), GemvConfig(64, 2, split_k=3, stages=1, rows_step=16),
+                GemvConfig(32, 1, split_k=2, stages=2, rows_step=8, late=True),
+                GemvConfig(64, 2, split_k=3, stages=1, rows_step=16, late=True)):
         y = w4a16_gemv(x, q.qweight, q.scales, q.zeros, g, cfg)
         assert y.dtype == dtype and _err(y, ref) < TOL[dtype], cfg
 
@@ -168,7 +170,8 @@ def test_w8_gemm_matches_reference(m, n, k, dtype):
 def test_w8_gemv_matches_reference(m, n, k, dtype):
     q, x = _w8(n, k, dtype), _x(m, k, dtype)
     ref = _ref64(x, q.dequantize())
-    for cfg in (GemvConfig(16, 1), GemvConfig(32, 2, split_k=2)):
+    for cfg in (GemvConfig(16, 1), GemvConfig(32, 2, split_k=2), GemvConfig(8, 2, split_k=2, block_c=16),
+                GemvConfig(4, 1, block_c=128)):
         y = w8a16_gemv(x, q.qweight, q.scales, cfg)
         assert y.dtype == dtype and _err(y, ref) < TOL[dtype], cfg
 

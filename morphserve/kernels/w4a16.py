@@ -174,10 +174,13 @@ class GemvConfig:
     split_k: int = 1
     stages: int = 0  # W4 only: 0 = register prefetch kernel; >= 1 = compiler-pipelined kernel with this many stages
     rows_step: int = 8  # W4 pipelined kernel: int32 word rows per loop iteration
+    late: bool = False  # W4 pipelined kernel: one accumulator per word row, reduced over rows once at the end
+    block_c: int = 64  # W8 only: int32 words (4 codes each) of a row per loop step
 
     @property
     def name(self) -> str:
-        extra = f",p{self.stages},r{self.rows_step}" if self.stages else ""
+        extra = f",p{self.stages},r{self.rows_step}{',late' if self.late else ''}" if self.stages else ""
+        extra += f",c{self.block_c}" if self.block_c != 64 else ""
         return f"gemv[n{self.block_n},w{self.num_warps},sk{self.split_k}{extra}]"
 
 
@@ -310,7 +313,8 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
 def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                               M, N, stride_xm, num_groups, groups_per_split, split_k,
                               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_STEP: tl.constexpr,
-                              STAGES: tl.constexpr, FENCE: tl.constexpr, USE_PDL: tl.constexpr):
+                              STAGES: tl.constexpr, LATE: tl.constexpr, FENCE: tl.constexpr,
+                              USE_PDL: tl.constexpr):
     """The GEMV as one flat loop over steps of ``ROWS_STEP`` word rows, every load inside the loop: Triton's
     software pipeliner (``num_stages``) then keeps several steps of words in flight through shared memory instead
     of registers, so occupancy is not limited by prefetched words (a loop without a dot is pipelined only when its
@@ -328,7 +332,8 @@ def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_pt
     n_mask = offs_n < N
     offs_r = tl.arange(0, ROWS_STEP)
     x_row = x_ptr + m * stride_xm
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    ACC_ROWS: tl.constexpr = ROWS_STEP if LATE else 1
+    acc = tl.zeros((ACC_ROWS, BLOCK_N), dtype=tl.float32)
     for t in tl.range(0, groups_per_split * STEPS, num_stages=STAGES):
         g = pid_k * groups_per_split + t // STEPS
         g_in = tl.minimum(g, num_groups - 1)  # past the last group: re-read it, add nothing (scales load as 0)
@@ -344,11 +349,14 @@ def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_pt
             xj = tl.load(x_row + rows * 8 + j).to(tl.float32)  # x[8r + j]
             xs += xj
             d += _w4_code_times_x(w, xj, j)
-        acc += s * (tl.sum(d, axis=0) * (2.0 ** 49) - z * tl.sum(xs, axis=0))
+        if LATE:  # elementwise: no reduction across threads inside the loop
+            acc += s[None, :] * (d * (2.0 ** 49) - z[None, :] * xs[:, None])
+        else:
+            acc += (s * (tl.sum(d, axis=0) * (2.0 ** 49) - z * tl.sum(xs, axis=0)))[None, :]
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
     pdl_trigger(USE_PDL)
-    store_tile(acc[None, :], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
+    store_tile(tl.sum(acc, axis=0)[None, :], y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile_id, split_k, FENCE)
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -372,7 +380,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         _check_block("rows_step", rows_step)
         _w4_gemv_pipelined_kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0),
                                         num_groups, groups_per_split, split, GROUP=group_size, BLOCK_N=cfg.block_n,
-                                        ROWS_STEP=rows_step, STAGES=cfg.stages, FENCE=not interpreting(),
+                                        ROWS_STEP=rows_step, STAGES=cfg.stages, LATE=cfg.late,
+                                        FENCE=not interpreting(),
                                         num_warps=cfg.num_warps, **launch_options(x.device))
         return y
     _w4_gemv_kernel[grid](x, qweight, scales, zeros, y, ws.partials, ws.counters, m, n, x.stride(0), num_groups,

@@ -111,12 +111,13 @@ def _w8_gemv_kernel(x_ptr, qw_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
 def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                cfg: GemvConfig = GemvConfig(32, 4), out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` with the split-K GEMV kernel (one program per row of ``x``, row block of W and K split).
-    ``cfg.block_n`` rows of W per program; each step covers 256 input features."""
+    ``cfg.block_n`` rows of W per program; each step covers ``cfg.block_c`` int32 words (4 input features each)."""
     m, n, k = _check_operands(x, qweight, scales)
     _check_block("block_n", cfg.block_n, 1)
+    _check_block("block_c", cfg.block_c, 1)
     if k % W8_WORD:
         raise ValueError(f"the W8 GEMV reads int32 words: K={k} must be a multiple of {W8_WORD}")
-    block_c = 64  # words per step: 256 codes
+    block_c = cfg.block_c
     k4 = k // W8_WORD
     steps = triton.cdiv(k4, block_c)
     split = max(1, min(cfg.split_k, steps))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
@@ -49,7 +49,7 @@ SCRATCH_BYTES = 256 << 20
 _GEMV_MAX_M = 4  # the GEMV kernels run one program per row of x: a candidate only for tiny M
 # Split-K candidates aim at this many programs per SM (plus split_k = 1); GEMV programs are 1 to 4 warps.
 _SPIN_CYCLES = 200_000  # about 100 us at 2 GHz (see Timer)
-_SPLITK_WAVES = {"gemv": (2, 4, 8, 16), "gemm": (1, 2, 4)}
+_SPLITK_WAVES = {"gemv": (2, 4, 8, 16, 32), "gemm": (1, 2, 4)}
 
 
 def bucket_of(m: int) -> int:
@@ -174,15 +174,17 @@ _GEMM_T_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int],
         (2048, ((128, 64, 4, 3), (128, 128, 8, 3))),
     ),
 }
-# GEMV (block_n, num_warps[, stages, rows_step]): W4 gives each thread 4 or 8 output columns (block_n 128 or 256 per
-# warp); W8 gives each thread 4 words of 4 to 8 rows.  Chosen by the compiler's resource report (no spills) and
-# instruction counts.  The W4 entries with stages are the compiler-pipelined kernel: the four that came closest to
-# the best of 420 configurations on every Llama-2-7B / Llama-3-8B shape at M = 1 (H200 sweep, 2026-12-02,
-# BENCHMARKS.md), next to the register-prefetch kernel, which stays best on the smallest shapes.
+# GEMV (block_n, num_warps[, stages, rows_step, late]) for W4, (block_n, num_warps, block_c) for W8.  W4 gives each
+# thread 4 or 8 output columns (block_n 128 or 256 per warp).  Chosen by the compiler's resource report (no spills),
+# instruction counts and H200 sweeps at M = 1 on every Llama-2-7B / Llama-3-8B shape (BENCHMARKS.md, issue #3):
+# the register-prefetch kernel (best on the smallest shapes), the four pipelined configurations that came closest to
+# the best of 420 (2026-12-02), and the three late-reduction ones that won five of the seven shapes in a sweep of 450
+# (2026-12-03, ``probe_w4_gemv.py sweep --space late``).  W8: the configurations that won or came within 8% on every
+# shape of a 275-configuration sweep (2026-12-03, ``probe_w8_gemv.py``), next to the three shipped before.
 _GEMV_SHAPES = {Precision.W4: ((128, 1), (256, 2), (512, 4), (256, 1, 2, 8), (128, 1, 2, 8), (512, 2, 2, 4),
-                               (128, 2, 2, 16)),
-                Precision.W8: ((32, 4), (64, 4), (64, 8))}
-_W8_GEMV_STEP = 256  # input features per step of the W8 GEMV
+                               (128, 2, 2, 16), (256, 1, 1, 4, True), (128, 2, 2, 16, True), (256, 4, 2, 16, True)),
+                Precision.W8: ((32, 4, 64), (64, 4, 64), (64, 8, 64), (8, 2, 128), (8, 2, 256), (4, 2, 256),
+                               (16, 2, 64), (64, 2, 32), (16, 4, 256))}
 
 
 def _split_options(kind: str, tiles: int, max_split: int, num_sms: int, m: int, n: int) -> list[int]:
@@ -201,15 +203,20 @@ def candidates(w: QuantWeight, m: int, num_sms: int) -> list[Path]:
     """Every path worth timing for ``m`` rows (``m`` is a bucket size) of weight ``w`` on a GPU with
     ``num_sms`` multiprocessors."""
     from morphserve.kernels.w4a16 import GemmConfig, GemvConfig
+    from morphserve.kernels.w8a16 import W8_WORD
 
     n, k = w.n, w.k
     out: list[Path] = []
     if m <= _GEMV_MAX_M:
-        max_split = k // w.group_size if w.precision is Precision.W4 else (k + _W8_GEMV_STEP - 1) // _W8_GEMV_STEP
-        for bn, warps, *pipelined in _GEMV_SHAPES[w.precision]:
+        for bn, warps, *rest in _GEMV_SHAPES[w.precision]:
+            if w.precision is Precision.W4:
+                max_split, cfg = k // w.group_size, GemvConfig(bn, warps, 1, *rest)
+            else:
+                step = W8_WORD * rest[0]  # input features per step
+                max_split, cfg = (k + step - 1) // step, GemvConfig(bn, warps, 1, block_c=rest[0])
             tiles = m * ((n + bn - 1) // bn)
             for s in _split_options("gemv", tiles, max_split, num_sms, m, n):
-                out.append(Path("gemv", GemvConfig(bn, warps, s, *pipelined)))
+                out.append(Path("gemv", replace(cfg, split_k=s)))
     tiles_for_m = next((t for bound, t in _GEMM_TILES[w.precision] if m <= bound), None)
     if tiles_for_m is not None:
         block_k = 0
