@@ -65,7 +65,7 @@ def gemlite_layers(wq: dict[str, dispatch.QuantWeight], dtype: torch.dtype) -> d
     l4 = gemlite.GemLiteLinear(4, group_size=g, in_features=k, out_features=n, input_dtype=gd, output_dtype=gd)
     # W = (q - z) * s with per-(group, column) s and z: gemlite's [N, K // G] meta layout; fma_mode=False keeps that
     # exact form (its default folds -z * s into one rounded offset)
-    l4.pack(unpack_w4(w4.qweight), w4.scales.t().contiguous(), w4.zeros.t().contiguous(), fma_mode=False)
+    l4.pack(unpack_w4(w4.qweight, g), w4.scales.t().contiguous(), w4.zeros.t().contiguous(), fma_mode=False)
     n8, k8 = w8.qweight.shape
     l8 = gemlite.GemLiteLinear(8, group_size=k8, in_features=k8, out_features=n8, input_dtype=gd, output_dtype=gd)
     l8.pack(w8.qweight, w8.scales.view(n8, 1), zeros=None)

@@ -16,27 +16,33 @@ from morphserve.quant.packing import (QuantFormatError, W4Weight, check_w4, dequ
 from morphserve.quant.rtn import quantize_w4_rtn, quantize_w8_rtn
 
 
-def _pack_by_definition(codes: torch.Tensor) -> torch.Tensor:
-    """Independent packer written from the spec: bits 4j..4j+3 of word [r, n] hold the code of W[n, 8r + j]."""
+def _pack_by_definition(codes: torch.Tensor, group: int) -> torch.Tensor:
+    """Independent packer written from the spec: bits 4j..4j+3 of word [g R + r, n] hold the code of
+    W[n, g G + j R + r], with R = G / 8 word rows per group."""
     n, k = codes.shape
+    rows = group // 8
     out = torch.zeros(k // 8, n, dtype=torch.int32)
-    for r in range(k // 8):
-        for col in range(n):
-            word = 0
-            for j in range(8):
-                word |= int(codes[col, 8 * r + j]) << (4 * j)
-            out[r, col] = word - (1 << 32) if word >= 1 << 31 else word  # two's complement int32
+    for gi in range(k // group):
+        for r in range(rows):
+            for col in range(n):
+                word = 0
+                for j in range(8):
+                    word |= int(codes[col, gi * group + j * rows + r]) << (4 * j)
+                out[gi * rows + r, col] = word - (1 << 32) if word >= 1 << 31 else word  # two's complement int32
     return out
 
 
-def test_pack_w4_matches_the_spec_bit_for_bit():
+@pytest.mark.parametrize("group", [8, 16, 32])
+def test_pack_w4_matches_the_spec_bit_for_bit(group):
     g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (6, 24), generator=g, dtype=torch.uint8)
-    codes[0, :8] = 15  # a word with the sign bit set
-    packed = pack_w4(codes)
-    assert packed.dtype == torch.int32 and packed.shape == (3, 6)
-    assert torch.equal(packed, _pack_by_definition(codes))
-    assert torch.equal(unpack_w4(packed), codes)
+    codes = torch.randint(0, 16, (6, 64), generator=g, dtype=torch.uint8)
+    codes[0, :] = 15  # words with the sign bit set
+    packed = pack_w4(codes, group)
+    assert packed.dtype == torch.int32 and packed.shape == (8, 6)
+    assert torch.equal(packed, _pack_by_definition(codes, group))
+    assert torch.equal(unpack_w4(packed, group), codes)
+    if group > 8:  # the order depends on the group size: another group size reads other codes
+        assert not torch.equal(unpack_w4(packed, 8), codes)
 
 
 def test_dequantize_w4_matches_the_formula():
@@ -49,11 +55,11 @@ def test_dequantize_w4_matches_the_formula():
     for col in range(n):
         for kk in range(k):
             want[col, kk] = (codes[col, kk] - zeros[kk // gs, col]) * scales[kk // gs, col]
-    got = dequantize_w4(pack_w4(codes), scales, zeros, gs)
+    got = dequantize_w4(pack_w4(codes, gs), scales, zeros, gs)
     assert torch.allclose(got, want, rtol=0, atol=1e-6)
     # float16 scales: one rounding of the exact product, identical to computing in float16
     s16 = scales.half()
-    got16 = dequantize_w4(pack_w4(codes), s16, zeros.half(), gs)
+    got16 = dequantize_w4(pack_w4(codes, gs), s16, zeros.half(), gs)
     assert got16.dtype == torch.float16
     ref16 = (codes.half() - zeros.half().t().repeat_interleave(gs, 1)) * s16.t().repeat_interleave(gs, 1)
     assert torch.equal(got16, ref16)
@@ -64,7 +70,7 @@ def test_rtn_w4_error_is_at_most_half_a_step(group_size):
     w = torch.randn(40, 256, generator=torch.Generator().manual_seed(2)) * 0.05
     w[3, :group_size] = torch.rand(group_size) + 0.1  # an all-positive group: its range is widened to include 0
     q = quantize_w4_rtn(w, group_size).validate("w")
-    codes = unpack_w4(q.qweight)
+    codes = unpack_w4(q.qweight, group_size)
     assert int(codes.max()) <= 15
     assert q.scales.shape == (256 // group_size, 40) and q.zeros.shape == q.scales.shape
     step = q.scales.t().repeat_interleave(group_size, 1)
@@ -155,6 +161,6 @@ def test_bad_w4_tensors_raise_naming_the_tensor():
     with pytest.raises(QuantFormatError, match=r"qkv\.qweight must be 2-D int32"):
         check_w4("qkv", q.qweight.float(), q.scales, q.zeros, 64)
     with pytest.raises(QuantFormatError, match=r"codes must lie in \[0, 15\], got \[16, 16\]"):
-        pack_w4(torch.full((2, 8), 16))
+        pack_w4(torch.full((2, 8), 16), 8)
     with pytest.raises(QuantFormatError, match="cannot fuse"):
         W4Weight.concat_out([q, quantize_w4_rtn(torch.randn(16, 128), 128)])

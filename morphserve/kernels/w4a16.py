@@ -1,7 +1,8 @@
 """W4A16 linear kernels (Triton): 4-bit weights, 16-bit activations, dequantization fused into the matmul.
 
 Computes ``y = x @ W.T`` for a weight stored in the engine's W4 layout (:mod:`morphserve.quant.packing`):
-``qweight`` int32 ``[K // 8, N]`` (code of ``W[n, 8r + j]`` in bits ``4j .. 4j+3`` of ``qweight[r, n]``),
+``qweight`` int32 ``[K // 8, N]`` (code of ``W[n, g G + j R + r]`` in bits ``4j .. 4j+3`` of ``qweight[g R + r, n]``,
+``R = G / 8``: position-major within each group),
 ``scales`` and ``zeros`` ``[K // G, N]`` in the model dtype, ``W[n, k] = (q - z) * s`` with ``G`` the group size.
 ``x`` is ``[M, K]`` in float16, bfloat16 or float32; ``y`` is ``[M, N]`` in ``x``'s dtype; every path accumulates in
 float32.
@@ -16,7 +17,8 @@ Four paths, each the fastest somewhere in M (:mod:`morphserve.quant.dispatch` ti
   ``sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k)``.
 * :func:`w4a16_gemm` (M from a few to a few hundred).  Tiles of ``BLOCK_M x BLOCK_N`` outputs, one group of ``G``
   input features per step as eight tensor-core products, one per code position ``j`` (``B_j`` = nibble ``j`` of the
-  word tile, the codes of ``k = 8r + j``, against the matching strided columns of ``x``): each ``B_j`` is an
+  word tile, the codes of ``k = g G + j R + r``, against the matching columns of ``x``, a contiguous slice): each
+  ``B_j`` is an
   elementwise function of the words, so Triton unpacks it in the MMA operand layout instead of staging it through
   shared memory.  The raw codes are the B operand and the same per-group zero/scale epilogue applies.  For float16
   the codes become float16 *subnormals* by a bit cast (``code * 2**-24``, exact; tensor cores multiply subnormals
@@ -299,7 +301,7 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             for j in tl.static_range(8):
                 if j == 6:
                     w = w >> 24  # codes 6 and 7 move to bits 0..7
-                xj = tl.load(x_row + rows * 8 + j).to(tl.float32)  # x[8r + j]
+                xj = tl.load(x_row + g_in * GROUP + j * ROWS + h * ROWS_STEP + offs_r).to(tl.float32)
                 xsum += xj
                 xq += tl.sum(_w4_code_times_x(w, xj, j), axis=0)
         acc += s * (xq * (2.0 ** 49) - z * tl.sum(xsum, axis=0))
@@ -346,7 +348,7 @@ def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_pt
         for j in tl.static_range(8):
             if j == 6:
                 w = w >> 24  # codes 6 and 7 move to bits 0..7
-            xj = tl.load(x_row + rows * 8 + j).to(tl.float32)  # x[8r + j]
+            xj = tl.load(x_row + g_in * GROUP + j * ROWS + (t % STEPS) * ROWS_STEP + offs_r).to(tl.float32)
             xs += xj
             d += _w4_code_times_x(w, xj, j)
         if LATE:  # elementwise: no reduction across threads inside the loop
@@ -393,21 +395,6 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 
 # ---- tiled tensor-core GEMM (mid M) ---------------------------------------------------------------------------------
 @triton.jit
-def _code_positions(a, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
-    """The eight strided column sets of an activation tile ``a[BLOCK_M, 8 * ROWS]`` (one group):
-    ``x_j[:, r] = a[:, 8r + j]``, the inputs that meet nibble ``j`` of word row ``r``.  Register-level splits of a
-    tile loaded contiguously (16-byte loads), not strided loads."""
-    p0, p1 = tl.split(tl.reshape(a, (BLOCK_M, ROWS, 2, 2, 2)))  # by bit 0 of j
-    p00, p01 = tl.split(p0)  # by bit 1 of j
-    p10, p11 = tl.split(p1)
-    x0, x4 = tl.split(p00)  # by bit 2 of j
-    x2, x6 = tl.split(p01)
-    x1, x5 = tl.split(p10)
-    x3, x7 = tl.split(p11)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
 def _w4_dot_position(d, a_j, w, j, MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``d + a_j @ B_j`` with ``B_j = (w >> 4j) & 15`` (``j`` a constant or a per-row column vector)."""
     q = (w >> (4 * j)) & 15
@@ -445,19 +432,16 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         a = tl.load(x_rows + (g_in * GROUP + offs_k)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, GROUP]
         xsum = tl.sum(a.to(tl.float32), axis=1)
         # One product per code position j (per P positions below G = 128): row r of B_j holds the code of
-        # k = 8r + j (nibble j of word r), so B_j is an elementwise function of the word tile and Triton unpacks it
-        # in the MMA operand layout instead of staging it through shared memory.  The matching columns of x,
-        # x[:, 8r + j], come from the contiguous tile by register-level splits (G >= 128) or strided loads.
+        # k = g G + j R + r (nibble j of word r), so B_j is an elementwise function of the word tile and Triton
+        # unpacks it in the MMA operand layout instead of staging it through shared memory.  The matching columns
+        # of x are the contiguous slice x[:, g G + j R : g G + (j + 1) R] (P slices side by side below G = 128).
         d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if P == 1:
-            xs = _code_positions(a, BLOCK_M, ROWS)
-            for j in tl.static_range(8):
-                d = _w4_dot_position(d, xs[j], w, j, MODE, DOT_PRECISION)
-        else:
-            for t in tl.static_range(8 // P):
-                j = t * P + pos
-                a_t = tl.load(x_rows + (g_in * GROUP + word_row * 8 + j)[None, :], mask=m_mask[:, None], other=0.0)
-                d = _w4_dot_position(d, a_t, w, j[:, None], MODE, DOT_PRECISION)
+        for t in tl.static_range(8 // P):
+            a_t = tl.load(x_rows + (g_in * GROUP + t * KD + offs_c)[None, :], mask=m_mask[:, None], other=0.0)
+            if P == 1:
+                d = _w4_dot_position(d, a_t, w, t, MODE, DOT_PRECISION)
+            else:
+                d = _w4_dot_position(d, a_t, w, (t * P + pos)[:, None], MODE, DOT_PRECISION)
         if MODE == 0:
             s_dot = s * 16777216.0
         else:
@@ -509,9 +493,11 @@ def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     the MMA reads A from registers, so the dequantized tile never touches shared memory; B, the activations, comes
     from shared memory).  The batch is the MMA's N dimension (16 to 256), so small M wastes nothing of the
     64-row MMA.  One group of ``G`` input features per step, as ``8`` products of ``K = G / 8``: product ``j``
-    takes nibble ``j`` of the word tile (the codes of ``k = 8r + j``) and the matching strided rows of ``x.T``
-    (split in registers from the contiguously loaded activation tile: on an H200, 1.25x-2.3x faster than loading
-    each strided set from memory, 2026-12-02).
+    takes nibble ``j`` of the word tile (the codes of ``k = g G + j G / 8 + r``) and the matching rows of ``x.T``,
+    the contiguous slice ``x[:, g G + j G / 8 : g G + (j + 1) G / 8]``, which the compiler streams into shared
+    memory with asynchronous copies.  (Under the natural-order layout of 2026-12-02 these were strided columns,
+    split in registers and stored to shared memory before every product, which serialized the eight products; a
+    prototype on the position-major layout was 1.02-1.36x faster at M = 4-64 on an H200, BENCHMARKS.md.)
     The tile is fully dequantized before the product, ``(q - z) * s`` rounded once to the model dtype (the
     reference's value): float16 builds ``1024 + q`` by OR-ing the code into the exponent bits of 1024
     (``0x6400``), subtracts ``1024 + z`` (exact) and multiplies by ``s`` (one rounding), so one float32
@@ -520,7 +506,6 @@ def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     ROWS: tl.constexpr = GROUP // 8  # int32 words per column per group = K of each product (>= 16)
     pid_m, pid_n, pid_k, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
-    offs_k = tl.arange(0, GROUP)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for i in range(0, groups_per_split):
@@ -531,10 +516,9 @@ def _w4_gemm_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         z = tl.load(z_ptr + g_in * N + offs_n, mask=n_mask, other=0.0)
         if MODE == 0:
             zz = (z + 1024.0)[:, None]
-        xs = _code_positions(tl.load(x_rows + (g_in * GROUP + offs_k)[None, :], mask=m_mask[:, None], other=0.0),
-                             BLOCK_M, ROWS)
         for j in tl.static_range(8):
-            b = tl.trans(xs[j])  # [ROWS, BLOCK_M]
+            b = tl.trans(tl.load(x_rows + (g_in * GROUP + j * ROWS + offs_r)[None, :], mask=m_mask[:, None],
+                                 other=0.0))  # [ROWS, BLOCK_M]
             q = (w >> (4 * j)) & 15
             if MODE == 0:
                 a = ((q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - zz) * s[:, None]
@@ -564,10 +548,11 @@ def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K8, n_start, n_count,
     s = tl.load(s_ptr + meta, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + meta, mask=mask, other=0.0).to(tl.float32)
     pdl_trigger(USE_PDL)
+    k_row = (offs_r // (GROUP // 8)) * GROUP + offs_r % (GROUP // 8)  # input of nibble 0 (position-major)
     for j in tl.static_range(8):
         q = ((w >> (4 * j)) & 15).to(tl.float32)
         val = (q - z) * s
-        tl.store(out_ptr + (offs_r * 8 + j)[:, None] * n_count + offs_c[None, :],
+        tl.store(out_ptr + (k_row + j * (GROUP // 8))[:, None] * n_count + offs_c[None, :],
                  val.to(out_ptr.dtype.element_ty), mask=mask)
 
 

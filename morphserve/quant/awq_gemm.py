@@ -10,9 +10,9 @@ version: "gemm"}`` (older files spell ``w_bit`` / ``q_group_size``).  Each quant
 * ``scales`` float16 ``[K // G, N]``;
 * ``W[n, k] = (q - z[k // G, n]) * s[k // G, n]``.
 
-The loader un-interleaves the codes and repacks them into the engine's natural-order ``[K // 8, N]`` layout
-(:mod:`morphserve.quant.packing`), converts zero points to floats and scales to the model dtype.  GEMV-layout and
-other bit widths are rejected with an error naming the value.
+The loader un-interleaves the codes and repacks them into the engine's ``[K // 8, N]`` layout (position-major
+within groups, :mod:`morphserve.quant.packing`), converts zero points to floats and scales to the model dtype.
+GEMV-layout and other bit widths are rejected with an error naming the value.
 
 Runtime swapping caveat: AutoAWQ applies an AWQ scale between ``v_proj`` and ``o_proj`` when their shapes allow it
 (MHA models such as Llama-2-7B).  That scale changes the *values stored in the V cache*: K/V written while the layer
@@ -79,4 +79,4 @@ class AWQGemmCheckpoint(QuantizedCheckpoint):
                              shape=(k // g, n))
         codes = unpack_awq_gemm(qweight)  # [K, N]
         zeros = unpack_awq_gemm(qzeros)  # [K//G, N]
-        return W4Weight(pack_w4(codes.t()), scales.to(dtype).contiguous(), zeros.to(dtype).contiguous(), g)
+        return W4Weight(pack_w4(codes.t(), g), scales.to(dtype).contiguous(), zeros.to(dtype).contiguous(), g)

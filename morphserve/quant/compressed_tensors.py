@@ -16,8 +16,9 @@ Each quantized linear ``[N, K]`` is stored as (compressed-tensors 0.19, ``compre
 * ``W[n, k] = (q - z) * s``.
 
 Because both code and zero point carry the same +8 offset, the stored nibbles are already the engine's unsigned
-codes: the engine's ``qweight`` is ``weight_packed`` transposed, its ``zeros`` are the unpacked offset zero points
-(8 for symmetric checkpoints), its ``scales`` are ``weight_scale`` transposed.
+codes: the engine's ``qweight`` is those codes repacked (:func:`morphserve.quant.packing.pack_w4`: transposed, and
+position-major within each group), its ``zeros`` are the unpacked offset zero points (8 for symmetric
+checkpoints), its ``scales`` are ``weight_scale`` transposed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from morphserve.quant.checkpoint import QuantizedCheckpoint
-from morphserve.quant.packing import W4_PACK, QuantFormatError, W4Weight
+from morphserve.quant.packing import W4_PACK, QuantFormatError, W4Weight, pack_w4
 
 _OFFSET = 8  # compressed-tensors stores signed 4-bit values as value + 8
 
@@ -113,4 +114,6 @@ class CompressedTensorsCheckpoint(QuantizedCheckpoint):
                 raise QuantFormatError(f"{self.path}: tensor {zp_name!r} is {zp.dtype} {tuple(zp.shape)}, expected "
                                        f"int32 {(-(-n // W4_PACK), k // g)} (packed) or int8 {(n, k // g)}")
             zeros = zu.t().to(dtype).contiguous()
-        return W4Weight(packed.t().contiguous(), scale.t().to(dtype).contiguous(), zeros, g)
+        # their dense packing along K (natural order) -> the engine's position-major order within groups
+        codes = _unpack_rows(packed.t(), k).t()  # [N, K]
+        return W4Weight(pack_w4(codes, g), scale.t().to(dtype).contiguous(), zeros, g)

@@ -9,10 +9,13 @@ Per decoder layer the projections are ``qkv`` (``K = hidden``), ``o`` (``K = q_s
 (``K = hidden``) and ``down`` (``K = intermediate``); ``qkv`` rows are ``[q; k; v]`` and ``gate_up`` rows are
 ``[gate; up]`` (see :mod:`morphserve.memory.weight_arena`).
 
-W4: asymmetric 4-bit, groups of ``G`` consecutive input features (``G`` divides ``K``)
+W4: asymmetric 4-bit, groups of ``G`` consecutive input features (``G`` divides ``K``; ``R = G / 8`` word rows
+per group)
     ``{name}.qweight``  int32       ``[K // 8, N]``  bits ``4j .. 4j+3`` (``j = 0..7``, least significant first) of
-                                                   ``qweight[r, n]`` hold the code of ``W[n, 8r + j]``: natural
-                                                   order along K, *not* AWQ's interleaved ``[0,2,4,6,1,3,5,7]``.
+                                                   ``qweight[g R + r, n]`` hold the code of ``W[n, g G + j R + r]``:
+                                                   *position-major within each group* (word row ``r`` of group ``g``
+                                                   holds the inputs ``r, r + R, ..., r + 7R`` of the group), neither
+                                                   natural order nor AWQ's interleaved ``[0,2,4,6,1,3,5,7]``.
                                                    Codes are unsigned, ``q in [0, 15]``.
     ``{name}.scales``   model dtype ``[K // G, N]``  one scale per (group, output channel).
     ``{name}.zeros``    model dtype ``[K // G, N]``  the integer zero point ``z in [0, 15]`` stored as a float
@@ -26,7 +29,12 @@ W8: symmetric 8-bit, one scale per output channel
 
 Packing W4 along K with output channels contiguous (``[K // 8, N]``) lets a GEMM kernel load one int32 row per 8
 reduction steps for a contiguous tile of output channels (coalesced along N), the way AWQ's and GPTQ's kernels read
-their weights, while keeping the nibble order trivial to unpack (``(word >> 4j) & 0xF``).
+their weights, and keeps a nibble trivial to unpack (``(word >> 4j) & 0xF``).  The position-major order inside a
+group is for the activations: a kernel multiplies nibble ``j`` of the group's ``R`` word rows with the ``R``
+*consecutive* inputs ``x[g G + j R : g G + (j + 1) R]``, so a tensor-core kernel streams those slices straight from
+memory into its operand buffers; in natural order they were ``R`` inputs 8 apart, which had to be gathered and
+re-stored in registers before every product (measured on an H200, 2026-12-03: BENCHMARKS.md, issue #3).  The order
+depends on ``G``, so packing and unpacking take the group size.
 
 The references below compute ``(q - z) * s`` in float32 and round once to the scale dtype.  For float16 scales this
 is bit-identical to computing in float16 (``q - z`` is a small integer, so the float32 product is exact and the one
@@ -115,32 +123,45 @@ class W8Weight:
 
 
 # ---- W4 ---------------------------------------------------------------------------------------------------------
-def pack_w4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack unsigned 4-bit codes ``[N, K]`` (any integer dtype, values 0..15) into the engine's int32 ``[K // 8, N]``."""
+def _w4_rows_order(k: int, group_size: int) -> None:
+    if group_size <= 0 or group_size % W4_PACK or k % group_size:
+        raise QuantFormatError(f"W4 group size {group_size} must be a positive multiple of {W4_PACK} dividing "
+                               f"in_features K={k}")
+
+
+def pack_w4(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Pack unsigned 4-bit codes ``[N, K]`` (any integer dtype, values 0..15) into the engine's int32 ``[K // 8, N]``
+    for groups of ``group_size`` inputs (position-major within each group, see the module docstring)."""
     if codes.dim() != 2:
         raise QuantFormatError(f"W4 codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
     n, k = codes.shape
     if k % W4_PACK:
         raise QuantFormatError(f"W4 in_features K={k} is not a multiple of {W4_PACK}")
+    _w4_rows_order(k, group_size)
     c = codes.to(torch.int32)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) > W4_MAX_CODE):
         raise QuantFormatError(f"W4 codes must lie in [0, {W4_MAX_CODE}], got [{int(c.min())}, {int(c.max())}]")
-    c = c.t().reshape(k // W4_PACK, W4_PACK, n)  # [K//8, j, N]: code of W[n, 8r + j]
+    rows = group_size // W4_PACK
+    # [K, N] -> [groups, j, r, N] (k = g G + j R + r) -> [groups, r, j, N] -> [K // 8, j, N]
+    c = c.t().reshape(k // group_size, W4_PACK, rows, n).transpose(1, 2).reshape(k // W4_PACK, W4_PACK, n)
     shifts = _SHIFTS.to(c.device).view(1, W4_PACK, 1)
     # Disjoint bit fields: the sum is the bitwise OR.  int32 wraps for code 8..15 in the top nibble, which is the
     # intended two's-complement bit pattern.
     return (c << shifts).sum(dim=1, dtype=torch.int32)
 
 
-def unpack_w4(qweight: torch.Tensor) -> torch.Tensor:
+def unpack_w4(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
     """Inverse of :func:`pack_w4`: int32 ``[K // 8, N]`` to uint8 codes ``[N, K]``."""
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise QuantFormatError(f"W4 qweight must be 2-D int32 [K // 8, N], got {qweight.dtype} "
                                f"{tuple(qweight.shape)}")
-    rows, n = qweight.shape
+    words, n = qweight.shape
+    k = words * W4_PACK
+    _w4_rows_order(k, group_size)
     shifts = _SHIFTS.to(qweight.device).view(1, W4_PACK, 1)
-    codes = (qweight.unsqueeze(1) >> shifts) & 0xF  # [K//8, j, N]
-    return codes.reshape(rows * W4_PACK, n).t().to(torch.uint8)
+    codes = (qweight.unsqueeze(1) >> shifts) & 0xF  # [K // 8, j, N]
+    codes = codes.reshape(k // group_size, group_size // W4_PACK, W4_PACK, n).transpose(1, 2)  # [groups, j, r, N]
+    return codes.reshape(k, n).t().to(torch.uint8)
 
 
 def check_w4(name: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> None:
@@ -168,12 +189,12 @@ def check_w4(name: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torc
 
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """``W = (q - z) * s`` as a ``[N, K]`` tensor in the scales' dtype (the reference every W4 kernel must match)."""
-    codes = unpack_w4(qweight).to(torch.float32)  # [N, K]
-    n, k = codes.shape
-    if group_size <= 0 or k % group_size or tuple(scales.shape) != (k // group_size, n) \
+    k, n = qweight.shape[0] * W4_PACK, qweight.shape[1]
+    if group_size <= 0 or group_size % W4_PACK or k % group_size or tuple(scales.shape) != (k // group_size, n) \
             or tuple(zeros.shape) != tuple(scales.shape):
         raise QuantFormatError(f"W4 scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} do not match "
                                f"qweight for N={n}, K={k}, group size {group_size}")
+    codes = unpack_w4(qweight, group_size).to(torch.float32)  # [N, K]
     s = scales.to(torch.float32).t().repeat_interleave(group_size, dim=1)  # [N, K]
     z = zeros.to(torch.float32).t().repeat_interleave(group_size, dim=1)
     return ((codes - z) * s).to(scales.dtype)

@@ -52,5 +52,5 @@ def quantize_w4_rtn(w: torch.Tensor, group_size: int, dtype: torch.dtype | None 
     s32 = scales.to(torch.float32)
     zeros = torch.round(-lo / s32).clamp_(0, W4_MAX_CODE)
     q = (torch.round(g / s32.unsqueeze(2)) + zeros.unsqueeze(2)).clamp_(0, W4_MAX_CODE)
-    return W4Weight(pack_w4(q.reshape(n, k).to(torch.uint8)), scales.t().contiguous(),
+    return W4Weight(pack_w4(q.reshape(n, k).to(torch.uint8), group_size), scales.t().contiguous(),
                     zeros.t().to(dtype).contiguous(), group_size)
