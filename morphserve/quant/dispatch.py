@@ -159,14 +159,15 @@ _GEMM_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int], .
 # Weight-stationary GEMM tiles (block_m, block_n, num_warps, num_stages) per M bucket (``*_gemm_t``: the weight tile
 # is the MMA's A operand and the batch its N dimension, so block_m may be as small as 16).  No register spills on
 # sm_90 in the compiler's resource report (float16, 16-byte aligned operands); W4 needs a group size >= 128.  The
-# W4 block_n = 256 tiles were added after a prototype (``benchmarks/probe_w4_perm.py``, 2026-12-03) won most
-# M = 4-64 cells with them (113-221 registers, no spills; 64 x 256 only with 8 warps, 4 warps spill).
+# W4 block_n = 256 tiles were added after a prototype (``benchmarks/probe_w4_perm.py`` in commit 7f1a722) won most
+# M = 4-64 cells with them (113-221 registers, no spills, except 64 x 256 with 4 warps: 32 bytes of stack), and
+# its M = 64 winners used two pipeline stages, hence the stage-2 tiles there.
 _GEMM_T_MIN_M = 2
 _GEMM_T_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int], ...]], ...]] = {
     Precision.W4: (
         (16, ((16, 64, 4, 3), (16, 128, 4, 3), (16, 256, 4, 3), (16, 256, 8, 3))),
         (32, ((32, 64, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (32, 256, 8, 3))),
-        (64, ((64, 64, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3))),
+        (64, ((64, 64, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (64, 64, 4, 2), (64, 128, 4, 2), (64, 256, 4, 2))),
         (2048, ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3))),
     ),
     Precision.W8: (
