@@ -18,11 +18,10 @@ Four paths, each the fastest somewhere in M (:mod:`morphserve.quant.dispatch` ti
 * :func:`w4a16_gemm` (M from a few to a few hundred).  Tiles of ``BLOCK_M x BLOCK_N`` outputs, one group of ``G``
   input features per step as eight tensor-core products, one per code position ``j`` (``B_j`` = nibble ``j`` of the
   word tile, the codes of ``k = g G + j R + r``, against the matching columns of ``x``, a contiguous slice): each
-  ``B_j`` is an
-  elementwise function of the words, so Triton unpacks it in the MMA operand layout instead of staging it through
-  shared memory.  The raw codes are the B operand and the same per-group zero/scale epilogue applies.  For float16
-  the codes become float16 *subnormals* by a bit cast (``code * 2**-24``, exact; tensor cores multiply subnormals
-  exactly), so unpacking costs a shift and a mask per weight; the ``2**24`` is folded into the scale.
+  ``B_j`` is an elementwise function of the words, so Triton unpacks it in the MMA operand layout instead of staging
+  it through shared memory.  The raw codes are the B operand and the same per-group zero/scale epilogue applies.
+  For float16 the codes become float16 *subnormals* by a bit cast (``code * 2**-24``, exact; tensor cores multiply
+  subnormals exactly), so unpacking costs a shift and a mask per weight; the ``2**24`` is folded into the scale.
   bfloat16/float32 convert the integer code (exact).  Small M uses split-K to fill the GPU.
 * ``w4a16_gemm`` with ``GemmConfig(weight_a=True)`` (M from 2 to a few hundred, group size >= 128): the
   weight-stationary :func:`_w4_gemm_t_kernel`, ``y.T = W x.T`` with the fully dequantized weight tile as the MMA's A

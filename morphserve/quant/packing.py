@@ -123,7 +123,7 @@ class W8Weight:
 
 
 # ---- W4 ---------------------------------------------------------------------------------------------------------
-def _w4_rows_order(k: int, group_size: int) -> None:
+def _check_w4_group(k: int, group_size: int) -> None:
     if group_size <= 0 or group_size % W4_PACK or k % group_size:
         raise QuantFormatError(f"W4 group size {group_size} must be a positive multiple of {W4_PACK} dividing "
                                f"in_features K={k}")
@@ -137,7 +137,7 @@ def pack_w4(codes: torch.Tensor, group_size: int) -> torch.Tensor:
     n, k = codes.shape
     if k % W4_PACK:
         raise QuantFormatError(f"W4 in_features K={k} is not a multiple of {W4_PACK}")
-    _w4_rows_order(k, group_size)
+    _check_w4_group(k, group_size)
     c = codes.to(torch.int32)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) > W4_MAX_CODE):
         raise QuantFormatError(f"W4 codes must lie in [0, {W4_MAX_CODE}], got [{int(c.min())}, {int(c.max())}]")
@@ -157,7 +157,7 @@ def unpack_w4(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
                                f"{tuple(qweight.shape)}")
     words, n = qweight.shape
     k = words * W4_PACK
-    _w4_rows_order(k, group_size)
+    _check_w4_group(k, group_size)
     shifts = _SHIFTS.to(qweight.device).view(1, W4_PACK, 1)
     codes = (qweight.unsqueeze(1) >> shifts) & 0xF  # [K // 8, j, N]
     codes = codes.reshape(k // group_size, group_size // W4_PACK, W4_PACK, n).transpose(1, 2)  # [groups, j, r, N]
