@@ -322,7 +322,10 @@ def _w4_gemv_pipelined_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_pt
     ``tl.range`` asks for stages; the kernel-level ``num_stages`` does not apply).  Same arithmetic as
     :func:`_w4_gemv_kernel`; the zero/scale correction is applied per step (``ROWS_STEP`` rows lie in one group).
     Measured on an H200 (2026-12-02, BENCHMARKS.md): faster than the register-prefetch kernel on the large
-    7B/8B shapes at M = 1 (e.g. 28672 x 4096: 27 us against 29-33 us), not on 4096 x 4096."""
+    7B/8B shapes at M = 1 (e.g. 28672 x 4096: 27 us against 29-33 us), not on 4096 x 4096.
+    ``LATE``: keep one accumulator per word row and column and sum over the rows once after the loop, instead of
+    reducing across threads (shared memory and a barrier) in every step; 1-8% faster on five of the seven 7B/8B
+    shapes at M = 1 (H200, 2026-12-03)."""
     pdl_wait(USE_PDL)
     ROWS: tl.constexpr = GROUP // 8
     STEPS: tl.constexpr = ROWS // ROWS_STEP  # steps per group
