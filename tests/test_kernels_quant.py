@@ -225,6 +225,12 @@ def test_dispatch_buckets_and_candidates():
         assert all(p.config.weight_a == (p.kind == "gemm_t") for p in mid if p.config)
     w4_g64 = dispatch.random_weight(Precision.W4, 4096, 4096, 64, torch.float16, "cpu")
     assert "gemm_t" not in {p.kind for p in dispatch.candidates(w4_g64, 16, 132)}  # needs K >= 16 per product
+    # W8 GEMVs: a split never has less than one step of block_c words (4 inputs each) to do
+    gemvs = [p.config for p in dispatch.candidates(w8, 1, 132) if p.kind == "gemv"]
+    assert {c.block_c for c in gemvs} > {64} and all(c.split_k <= 4096 // (4 * c.block_c) for c in gemvs)
+    # W4 GEMVs: the late-reduction kernel is among them, always pipelined
+    late = [p.config for p in dispatch.candidates(w4, 1, 132) if p.kind == "gemv" and p.config.late]
+    assert late and all(c.stages >= 1 for c in late)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + DTYPES)
