@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """The W8A16 GEMV's configuration space at decode (issue #3): rows per program, warps, words per step, split-K.
 
-:func:`morphserve.kernels.w8a16.w8a16_gemv` always steps 64 int32 words (256 codes) per loop iteration and the
-dispatcher tries three row/warp shapes.  This probe launches the same kernel (``_w8_gemv_kernel``) over a wider
-grid, including wider steps (``BLOCK_C``), on the Llama-2-7B / Llama-3-8B projection shapes, checks each against the
-float32 reference and times it like the dispatcher (:class:`morphserve.quant.dispatch.Timer`), next to cuBLAS FP16
-on a weight of the same shape and the dispatcher's own choice, in the same run.
+:func:`morphserve.kernels.w8a16.w8a16_gemv` stepped 64 int32 words (256 codes) per loop iteration and the
+dispatcher tried three row/warp shapes (before 2026-12-03).  This probe runs the same kernel over a wider grid of
+configurations, including other step widths (``GemvConfig.block_c``), on the Llama-2-7B / Llama-3-8B projection
+shapes, checks each against the float32 reference and times it like the dispatcher
+(:class:`morphserve.quant.dispatch.Timer`), next to cuBLAS FP16 on a weight of the same shape and the dispatcher's
+own choice, in the same run.  (The measured version launched ``_w8_gemv_kernel`` directly with the same split
+arithmetic as ``w8a16_gemv``; it now calls ``w8a16_gemv``, whose config gained ``block_c`` for this.)
 
     python3 benchmarks/probe_w8_gemv.py --out w8_gemv_sweep.json
 
@@ -22,15 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-import triton
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from morphserve.kernels.triton_support import launch_options  # noqa: E402
-from morphserve.kernels.w4a16 import splitk_workspace  # noqa: E402
-from morphserve.kernels.w8a16 import W8_WORD, _w8_gemv_kernel, w8a16_matmul_ref  # noqa: E402
+from morphserve.kernels.w4a16 import GemvConfig  # noqa: E402
+from morphserve.kernels.w8a16 import w8a16_gemv, w8a16_matmul_ref  # noqa: E402
 from morphserve.memory.weight_arena import Precision  # noqa: E402
 from morphserve.provenance import provenance  # noqa: E402
 from morphserve.quant.dispatch import QuantWeight, Timer, autotune  # noqa: E402
@@ -48,18 +48,7 @@ def space() -> list[tuple[int, int, int, int]]:
 
 def launch(x, qw, s, y, cfg):
     bn, warps, bc, split = cfg
-    m, k = x.shape
-    n = qw.shape[0]
-    k4 = k // W8_WORD
-    steps = triton.cdiv(k4, bc)
-    split = max(1, min(split, steps))
-    per = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per)
-    ws = splitk_workspace(x.device)
-    _w8_gemv_kernel[(triton.cdiv(n, bn), split, m)](x, qw.view(torch.int32), s, y, ws.partials, ws.counters, m, n, k4,
-                                                    x.stride(0), per, split, BLOCK_N=bn, BLOCK_C=bc, FENCE=True,
-                                                    num_warps=warps, num_stages=1, **launch_options(x.device))
-    return y
+    return w8a16_gemv(x, qw, s, GemvConfig(bn, warps, split, block_c=bc), out=y)
 
 
 def main() -> None:

@@ -190,8 +190,8 @@ def check_w4(name: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torc
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """``W = (q - z) * s`` as a ``[N, K]`` tensor in the scales' dtype (the reference every W4 kernel must match)."""
     k, n = qweight.shape[0] * W4_PACK, qweight.shape[1]
-    if group_size <= 0 or group_size % W4_PACK or k % group_size or tuple(scales.shape) != (k // group_size, n) \
-            or tuple(zeros.shape) != tuple(scales.shape):
+    _check_w4_group(k, group_size)
+    if tuple(scales.shape) != (k // group_size, n) or tuple(zeros.shape) != tuple(scales.shape):
         raise QuantFormatError(f"W4 scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} do not match "
                                f"qweight for N={n}, K={k}, group size {group_size}")
     codes = unpack_w4(qweight, group_size).to(torch.float32)  # [N, K]
