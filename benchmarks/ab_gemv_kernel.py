@@ -3,7 +3,9 @@
 
 Loads ``morphserve/kernels/gemv.py`` of ``--old`` (through ``git show``, or from ``--old-file``) as a separate
 module and puts its ``_gemv_kernel`` into this tree's GEMV alternately with the current one; everything else
-(tuning table, launch code, the rest of the step) is this tree's.  The old kernel must take the same arguments.
+(tuning table, launch code, the rest of the step) is this tree's.  The old kernel must take the same arguments,
+except ``ATOMIC`` (accumulated split-K sums, newer than most old kernels): the A/B runs with
+:data:`morphserve.kernels.gemv.ACCUMULATE_SPLITK` off, and an old kernel without that parameter is called without it.
 For each model one engine with synthetic weights (:func:`bench_fastpath.probe_engine`) times graph-captured
 batch-1 steps (context 512), recapturing the graphs at each switch.
 
@@ -43,6 +45,22 @@ def old_kernel(source: str):
     return mod._gemv_kernel
 
 
+class _WithoutAtomic:
+    """An old ``_gemv_kernel`` without the ``ATOMIC`` parameter, launched as this tree's launch code calls it."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def call(*args, ATOMIC=False, **kwargs):
+            if ATOMIC:
+                raise ValueError("the old GEMV kernel cannot accumulate split-K sums: run with ACCUMULATE_SPLITK off")
+            return launch(*args, **kwargs)
+        return call
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--old", default=None, help="git revision whose gemv.py is the other kernel")
@@ -60,15 +78,18 @@ def main(argv: list[str] | None = None) -> dict:
               subprocess.run(["git", "show", f"{a.old}:morphserve/kernels/gemv.py"], check=True, text=True,
                              capture_output=True).stdout)
     old_name = a.old or str(a.old_file)
-    kernels = {"this tree": G._gemv_kernel, old_name: old_kernel(source)}
+    old = old_kernel(source)
+    kernels = {"this tree": G._gemv_kernel, old_name: old if "ATOMIC" in old.arg_names else _WithoutAtomic(old)}
     dev = torch.device("cuda")
     res = B.probe_start(a, dev)
+    accumulate, G.ACCUMULATE_SPLITK = G.ACCUMULATE_SPLITK, False
     try:
         B.alternate_b1(res, a.models.split(","), {name: lambda k=k: setattr(G, "_gemv_kernel", k)
                                                    for name, k in kernels.items()},
                        a.rounds, a.reps, a.out, dev, key="kernel")
     finally:
         G._gemv_kernel = kernels["this tree"]
+        G.ACCUMULATE_SPLITK = accumulate
     return res
 
 

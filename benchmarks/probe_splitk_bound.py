@@ -5,7 +5,9 @@ Times graph-captured batch-1 decode steps (context 512, one engine with syntheti
 :func:`bench_fastpath.probe_engine`) alternately with the split-K reduction launches of
 :mod:`morphserve.kernels.gemv` made and skipped.  Skipped, the projections' outputs are never written (the
 tokens are garbage; the kernels' timing does not depend on the values), so the difference is an upper bound on
-what any way of adding the partial sums elsewhere could save.  Not a configuration to serve with.
+what any way of adding the partial sums elsewhere could save.  Not a configuration to serve with.  It runs with
+:data:`morphserve.kernels.gemv.ACCUMULATE_SPLITK` off (every split-K GEMV launches its reduction), the way the
+bound was measured before the accumulated sums existed.
 
     MORPHSERVE_DATA_MIRROR=... PYTHONPATH=. python3 benchmarks/probe_splitk_bound.py --out bound.json
 """
@@ -43,12 +45,14 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.device("cuda")
     res = B.probe_start(a, dev)
     real = G._splitk_reduce_kernel
+    accumulate, G.ACCUMULATE_SPLITK = G.ACCUMULATE_SPLITK, False
     try:
         B.alternate_b1(res, a.models.split(","), {"real": lambda: setattr(G, "_splitk_reduce_kernel", real),
                                                    "skip": lambda: setattr(G, "_splitk_reduce_kernel", _Skip())},
                        a.rounds, a.reps, a.out, dev)
     finally:
         G._splitk_reduce_kernel = real
+        G.ACCUMULATE_SPLITK = accumulate
     return res
 
 

@@ -154,6 +154,84 @@ def test_triton_matches_reference_tokens(tiny_gqa):
     assert out["triton"] == out["reference"]
 
 
+def test_triton_set_serves_quantized_layers(tiny_gqa):
+    """Layers swapped to W8 and W4 run their own linear kernels under the Triton set too (its projections hand
+    only FP16 products to the GEMV): the same greedy tokens as the reference set with the same precision map."""
+    import morphserve.quant  # noqa: F401  (registers the W8/W4 layouts and linear kernels)
+    from morphserve.memory.layer_swapper import LayerSwapper
+    from morphserve.memory.weight_arena import Precision
+    from morphserve.quant.staging import StagedVariants
+
+    dev = "cuda" if CUDA else "cpu"
+    out = {}
+    for ks in ("reference", "triton"):
+        eng = LLMEngine(EngineConfig(model=str(tiny_gqa), device=dev, dtype="float32"), kernels=ks,
+                        cuda_graphs=False)
+        swapper = LayerSwapper(eng.model.arena, StagedVariants.build(eng.model), dev)
+        for layer, precision in ((0, Precision.W8), (1, Precision.W4)):
+            swapper.request(layer, precision)
+            swapper.issue()
+            swapper.synchronize()
+            swapper.before_layer(layer)
+            assert [s.layer for s in swapper.poll()] == [layer]
+        out[ks] = _greedy(eng, [PARITY_PROMPTS[0]], 4, ignore_eos=True)[1]
+    assert out["triton"] == out["reference"]
+
+
+def test_accumulated_split_k_gives_the_same_logits(tiny_gqa, monkeypatch):
+    """Batch-1 decode with every projection and the LM head a two-split GEMV: the Triton set hands the accumulated
+    sums to the consumer kernels (split_accum) instead of launching the reduce kernel.  The logits of every decode
+    step are bit-identical with the reduce path, the consumers did receive accumulated sums, and every accumulator
+    is zero after the run (each consumer re-zeroes what it read), also after a forward that failed part-way."""
+    from morphserve.kernels import gemv as G
+    from morphserve.kernels import split_accum as A
+    from morphserve.model.llama import LlamaModel
+
+    dev = "cuda" if CUDA else "cpu"
+    eng = LLMEngine(EngineConfig(model=str(tiny_gqa), device=dev, dtype="float16"), kernels="triton",
+                    cuda_graphs=False)
+    cfg = eng.model.cfg
+    monkeypatch.setattr(G, "_TABLE", {})
+    monkeypatch.setattr(A, "_BUFFERS", {})
+    name = G._device_name(torch.empty(0, device=dev))
+    shapes = {((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size), (cfg.hidden_size, cfg.q_size),
+              (2 * cfg.intermediate_size, cfg.hidden_size), (cfg.hidden_size, cfg.intermediate_size),
+              (cfg.vocab_size, cfg.hidden_size)}  # and the LM head
+    for n, k in shapes:
+        G.set_tuned(name, n, k, 1, G.GemvConfig(1, 16, 32, 4, 1, split_k=2))
+    logits, handed = {}, []
+    forward = LlamaModel.forward
+
+    def spy(self, batch, *a, **kw):
+        out = forward(self, batch, *a, **kw)
+        if batch.token_ids.shape[0] == 1:
+            logits.setdefault(G.ACCUMULATE_SPLITK, []).append(out.clone())
+        return out
+
+    consume = eng.model.kernels.silu_and_mul
+    fail = []
+
+    def silu_spy(gate_up):
+        handed.append(isinstance(gate_up, A.Accumulated))
+        if fail and handed[-1]:  # in a decode step, after the accumulated gate_up product
+            raise RuntimeError("stop between a product and its consumer")
+        return consume(gate_up)
+
+    monkeypatch.setattr(LlamaModel, "forward", spy)
+    monkeypatch.setattr(eng.model.kernels, "silu_and_mul", silu_spy)
+    for on in (False, True):
+        monkeypatch.setattr(G, "ACCUMULATE_SPLITK", on)
+        _greedy(eng, [PARITY_PROMPTS[0]], 5, ignore_eos=True)
+    assert len(logits[True]) == len(logits[False]) >= 4
+    assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))
+    assert any(handed) and A._BUFFERS and all(torch.count_nonzero(b).item() == 0 for b in A._BUFFERS.values())
+    # a forward that fails between the gate_up product and its consumer leaves no sums behind (KernelSet.abandon)
+    fail.append(True)
+    with pytest.raises(RuntimeError, match="stop between"):
+        _greedy(eng, [PARITY_PROMPTS[0]], 5, ignore_eos=True)
+    assert handed[-1] and all(torch.count_nonzero(b).item() == 0 for b in A._BUFFERS.values())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CUDA, reason="the CUDA variant is test_smollm2_fast_vs_reference_cuda")
 def test_smollm2_triton_matches_reference_tokens_cpu():

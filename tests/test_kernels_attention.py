@@ -19,6 +19,7 @@ from morphserve.kernels import reference as ref  # noqa: E402
 from morphserve.kernels.attention import (DecodeTuning, PagedAttentionMetadata, attention_flops,  # noqa: E402
                                           decode_splits, decode_tuning, paged_attention, paged_attention_decode, paged_attention_prefill,
                                           prefill_tile_map)
+from morphserve.kernels import kv_store  # noqa: E402
 from morphserve.kernels.kv_store import KVAddress, rope_and_store, store_kv  # noqa: E402
 from morphserve.memory.kv_pool import KVPool  # noqa: E402
 from morphserve.model.config import ModelConfig  # noqa: E402
@@ -83,8 +84,10 @@ def test_store_kv_across_segments(dtype):
     assert all(torch.equal(b, s.tensor) for b, s in zip(before, pool.segments.values()))
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
-def test_rope_and_store_matches_reference(heads, kv_heads, head_dim):
+@pytest.mark.parametrize("split_heads", [True, False])  # a program per (token, KV head), or per token
+@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES + [(9, 3, 64)])  # + SmolLM2's 3 queries per KV head
+def test_rope_and_store_matches_reference(heads, kv_heads, head_dim, split_heads, monkeypatch):
+    monkeypatch.setattr(kv_store, "HEAD_SPLIT_MAX_TOKENS", 64 if split_heads else 0)
     dtype = torch.float16
     pool, _, ids = _pool(heads, kv_heads, head_dim, dtype)
     ref_pool, _, _ = _pool(heads, kv_heads, head_dim, dtype)
@@ -110,6 +113,31 @@ def test_rope_and_store_matches_reference(heads, kv_heads, head_dim):
     k_want, v_want = ref_pool.gather(1, ids_t, n)
     assert (k_got.float() - k_want.float()).abs().max() <= 2 * eps * k_want.float().abs().max()
     assert torch.equal(v_got, v_want)  # values are stored as they are
+
+
+@pytest.mark.parametrize("split_heads", [True, False])
+@pytest.mark.parametrize("skip_slot", [False, True])
+def test_rope_and_store_reads_accumulated_sums_bit_for_bit(skip_slot, split_heads, monkeypatch):
+    """Given a projection's accumulated float32 sums (split_accum.Accumulated), rope_and_store gives the bits of
+    the same sums rounded first: the queries and the stored keys and values.  It zeroes the whole row afterwards,
+    also for a token whose slot is negative (no KV write), so the buffer is ready for the next product."""
+    from morphserve.kernels.split_accum import Accumulated
+
+    monkeypatch.setattr(kv_store, "HEAD_SPLIT_MAX_TOKENS", 64 if split_heads else 0)
+    heads, kv_heads, head_dim, dtype = 6, 2, 64, torch.float16
+    got_pool, _, ids = _pool(heads, kv_heads, head_dim, dtype)
+    want_pool, _, _ = _pool(heads, kv_heads, head_dim, dtype)
+    table = _tables(ids, [1])[0]
+    slots = torch.tensor([-1 if skip_slot else table[0] * BS + 0], device=DEV)
+    acc = torch.randn(2, 1, (heads + 2 * kv_heads) * head_dim, device=DEV)  # two pairs of splits
+    plain = (acc[0] + acc[1]).to(dtype)
+    positions = torch.tensor([5], device=DEV)
+    cos, sin = torch.randn(16, head_dim, device=DEV).to(dtype), torch.randn(16, head_dim, device=DEV).to(dtype)
+    q_got = rope_and_store(Accumulated(acc, dtype), heads, positions, cos, sin, KVAddress.of(got_pool), 1, slots)
+    q_want = rope_and_store(plain, heads, positions, cos, sin, KVAddress.of(want_pool), 1, slots)
+    assert torch.equal(q_got, q_want) and torch.count_nonzero(acc).item() == 0
+    ids_t = torch.tensor(table, device=DEV)
+    assert all(torch.equal(a, b) for a, b in zip(got_pool.gather(1, ids_t, 1), want_pool.gather(1, ids_t, 1)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

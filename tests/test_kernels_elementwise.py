@@ -95,6 +95,79 @@ def test_gemv_matches_f_linear(m, k, prefetch, monkeypatch):
         assert err <= 2e-3 * want.abs().max().item() + 1e-2, (cfg, err)
 
 
+@pytest.mark.parametrize("k,split_k,block_k,splits", [(200, 2, 32, 2), (192, 4, 32, 4), (192, 4, 64, 3)])
+def test_accumulated_split_k_sums_are_consumed_bit_for_bit(k, split_k, block_k, splits, monkeypatch):
+    """A batch-1 split-K product asked to accumulate adds its partial sums atomically into zeroed float32 buffers,
+    one per pair of splits (split_accum.Accumulated; an odd split count leaves the last one alone).  rms_norm,
+    add_rms_norm, silu_and_mul and finish() (also widening to float32, as for logits) read them with the bits of the
+    reduce path, and each leaves the buffers zeroed for the next product.  Other products (M > 1, one split,
+    ``out`` given, the switch off) return plain tensors."""
+    from morphserve.kernels import split_accum as A
+
+    dtype = torch.float16
+    monkeypatch.setattr(A, "_BUFFERS", {})
+    x, w, nw = _rand(1, k, dtype=dtype), _rand(64, k, dtype=dtype), _rand(64, dtype=dtype)
+    cfg = GemvConfig(1, 16, block_k, 4, 1, split_k=split_k)
+    want = gemv(x, w, cfg)  # partial sums + the reduce kernel
+    pairs = (splits + 1) // 2
+
+    def accumulated():
+        got = gemv(x, w, cfg, accumulate=True)
+        assert isinstance(got, A.Accumulated) and got.shape == (1, 64) and got.dtype == dtype
+        assert got.acc.shape == (pairs, 1, 64) and got.acc.data_ptr() == A.accumulator(DEV, pairs, 1, 64).data_ptr()
+        return got
+
+    def zeroed(got):
+        return torch.count_nonzero(got.acc).item() == 0
+
+    got = accumulated()
+    assert torch.equal(rms_norm(got, nw, 1e-5), rms_norm(want, nw, 1e-5)) and zeroed(got)
+    res_a = _rand(1, 64, dtype=dtype)
+    res_b = res_a.clone()
+    got = accumulated()
+    h_a, _ = add_rms_norm(got, res_a, nw, 1e-5)
+    h_b, _ = add_rms_norm(want, res_b, nw, 1e-5)
+    assert torch.equal(h_a, h_b) and torch.equal(res_a, res_b) and zeroed(got)
+    got = accumulated()
+    assert torch.equal(silu_and_mul(got), silu_and_mul(want)) and zeroed(got)
+    got = accumulated()
+    assert torch.equal(A.finish(got), want) and zeroed(got)
+    got = accumulated()  # the LM head's float32 logits: rounded to float16, then widened, in one kernel
+    logits = A.finish(got, dtype=torch.float32)
+    assert logits.dtype == torch.float32 and torch.equal(logits, want.float()) and zeroed(got)
+    # a product whose consumer never ran is dropped by reset(); the next one is exact again
+    accumulated()
+    A.reset()
+    got = accumulated()
+    assert torch.equal(A.finish(got), want)
+    for xx, c, kw in [(_rand(3, k, dtype=dtype), GemvConfig(16, 16, 32, 4, 1, split_k=2), {}),
+                      (x, GemvConfig(1, 16, 32, 4, 1), {}), (x, cfg, {"out": torch.empty(1, 64, dtype=dtype,
+                                                                                         device=DEV)})]:
+        plain = gemv(xx, w, c, accumulate=True, **kw)
+        assert isinstance(plain, torch.Tensor) and A.finish(plain) is plain
+    assert torch.equal(A.finish(want, dtype=torch.float32), want.float())
+    monkeypatch.setattr(G, "ACCUMULATE_SPLITK", False)
+    assert torch.equal(gemv(x, w, cfg, accumulate=True), want)
+
+
+def test_splitk_sums_are_added_in_pairs(monkeypatch):
+    """Both split-K paths add the partial sums as (p0 + p1) + (p2 + p3), not left to right.  Four splits of 16
+    columns with partial sums 2**25, 1, -2**25, 1: in float32, 2**25 + 1 rounds to 2**25, so pairs give 0 where left
+    to right gives 1."""
+    from morphserve.kernels import split_accum as A
+
+    monkeypatch.setattr(A, "_BUFFERS", {})
+    x = torch.zeros(1, 64, dtype=torch.float16, device=DEV)
+    w = torch.zeros(1, 64, dtype=torch.float16, device=DEV)
+    x[0, :16], w[0, :16] = 2.0 ** 11, 2.0 ** 10  # split 0: 16 * 2**21 = 2**25
+    x[0, 32:48], w[0, 32:48] = 2.0 ** 11, -(2.0 ** 10)  # split 2: -2**25
+    x[0, 16] = w[0, 16] = x[0, 48] = w[0, 48] = 1.0  # splits 1 and 3: 1 each
+    cfg = GemvConfig(1, 16, 16, 4, 1, split_k=4)
+    assert gemv(x, w, cfg).item() == 0.0
+    assert A.finish(gemv(x, w, cfg, accumulate=True)).item() == 0.0
+    assert (x.double() @ w.double().T).item() == 2.0  # the exact sum, for scale: both paths round the same way
+
+
 @pytest.mark.parametrize("m", [1, 16])
 def test_gemv_and_linear_write_into_out(m):
     """``out=`` (how a per-layer CUDA graph hands its output to the next layer's graph): the result lands in the

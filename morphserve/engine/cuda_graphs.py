@@ -280,7 +280,7 @@ class DecodeGraphs:
             if residual.data_ptr() != st.residual.data_ptr():  # the Triton norm updates the residual in place
                 st.residual.copy_(residual)
             if last:
-                return m.head(x, st.residual, st.batch.logits_indices, self.kernels)
+                return m.head(x, st.residual, st.batch.logits_indices, self.kernels, st.batch.samples_every_row())
             return None
 
     def capture_layer(self, i: int, precision, b: int) -> _Graph:

@@ -14,6 +14,11 @@ along K in ``BLOCK_K`` chunks, evicting them from L2 first (they are read once p
 * **Split-K** (``split_k > 1``): K is cut into ``split_k`` ranges handled by separate programs, which write float32
   partial sums; a second small kernel adds them and rounds.  Narrow outputs (N = 4096: the ``o`` and ``down``
   projections of 7B/8B models) otherwise leave too few programs to keep every multiprocessor streaming.
+* **Accumulated split-K sums** (``M == 1``, ``gemv(accumulate=True)``; the Triton kernel set asks for it where a
+  Triton kernel consumes the result): the programs add their partial sums into zeroed float32 buffers (one per
+  pair of splits) with relaxed atomics and the consumer adds the pairs, rounds and re-zeroes them, so no reduce
+  launch (same bits as the reduce kernel, which adds in the same pairs; :mod:`morphserve.kernels.split_accum`).
+  :data:`ACCUMULATE_SPLITK` turns it off.
 * **Weight prefetch** (``M == 1``, :data:`PREFETCH_FIRST_CHUNK`): under programmatic dependent launch a program
   may start while the previous kernel is still finishing; it issues the load of its first weight chunk *before*
   ``pdl_wait`` and only the activation load after it, so that fetch overlaps the previous kernel's tail.  This is
@@ -52,6 +57,7 @@ import triton
 import triton.language as tl
 
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
+from morphserve.kernels.split_accum import Accumulated, accumulator
 from morphserve.kernels.triton_support import launch_options
 from morphserve.memory.weight_arena import LayerWeights, Precision
 from morphserve.model.linear import dense_linear, output_buffer, register_linear
@@ -63,6 +69,10 @@ TUNED_MS = (1, 4, 8, 16, 32, 64)  # the M values a tuning table holds (an M uses
 
 # Load each program's first weight chunk before waiting for the previous kernel (M = 1 path; see the docstring).
 PREFETCH_FIRST_CHUNK = True
+# Split-K M = 1 products asked to accumulate (gemv(accumulate=True)) add their sums atomically (split_accum), up to
+# this many splits (the consumer reads one buffer per pair of splits).
+ACCUMULATE_SPLITK = True
+ACCUMULATE_MAX_SPLITS = 8
 
 _ENABLED: ContextVar[bool] = ContextVar("morphserve_triton_linear", default=False)
 
@@ -201,7 +211,7 @@ def _load_chunk(ptrs, k0, k_hi, rk, rows, EVEN_K: tl.constexpr, EVICT: tl.conste
 @triton.jit(do_not_specialize=["M"])  # M (rows) changes step by step; it only bounds masks: one variant for all
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                 SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, ATOMIC: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -242,6 +252,9 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, s
     if SPLIT_K == 1:
         tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=out_mask)
+    elif ATOMIC:  # add into pair pid_k // 2 of the zeroed [pairs, M, N] accumulator (split_accum): a `red`
+        tl.atomic_add(part_ptr + (pid_k // 2 * M + rm[:, None]).to(tl.int64) * N + rn[None, :], y, mask=out_mask,
+                      sem="relaxed")
     else:
         tl.store(part_ptr + (pid_k * M + rm[:, None]).to(tl.int64) * N + rn[None, :], y, mask=out_mask)
 
@@ -254,16 +267,24 @@ def _splitk_reduce_kernel(part_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexp
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     nmask = rn < N
+    # in pairs, (p0 + p1) + (p2 + p3) + ..., the order of the accumulated path (split_accum)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + (s * M + m).to(tl.int64) * N + rn, mask=nmask, other=0.0)
+    for s in tl.static_range(0, SPLIT_K, 2):
+        pair = tl.load(part_ptr + (s * M + m).to(tl.int64) * N + rn, mask=nmask, other=0.0)
+        if s + 1 < SPLIT_K:
+            pair += tl.load(part_ptr + ((s + 1) * M + m).to(tl.int64) * N + rn, mask=nmask, other=0.0)
+        acc += pair
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, accumulate: bool = False) -> "torch.Tensor | Accumulated":
     """``x @ w.T`` for ``x`` ``[M, K]`` and ``w`` ``[N, K]`` (rows contiguous, same dtype); returns ``[M, N]``
-    (``out`` when given).  ``config`` defaults to the tuning table's entry, else :func:`gemv_config`."""
+    (``out`` when given).  ``config`` defaults to the tuning table's entry, else :func:`gemv_config`.
+    ``accumulate`` (without ``out``): an M = 1 product with split K returns its sums as
+    :class:`~morphserve.kernels.split_accum.Accumulated` (for a consumer kernel that reads them; see the module
+    docstring), unless :data:`ACCUMULATE_SPLITK` is off or it has more than :data:`ACCUMULATE_MAX_SPLITS` splits;
+    any other product returns the tensor."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.dtype != w.dtype:
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype} do not match")
     if x.stride(1) != 1 or w.stride(1) != 1:
@@ -276,20 +297,27 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None,
     cfg = config
     if m > 1 and cfg.block_m == 1:
         raise ValueError(f"the FMA path (block_m=1) serves M == 1 only, got M={m}")
-    y = output_buffer(out, m, n, x)
-    if not (m and n):
-        return y
     # each split covers a whole number of BLOCK_K chunks; splits past the end of K do nothing
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
-    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    atomic = (accumulate and ACCUMULATE_SPLITK and out is None and m == 1 and n > 0
+              and 1 < split <= ACCUMULATE_MAX_SPLITS)
+    if atomic:  # y is not written: the programs add into the pairs' buffers
+        y = part = accumulator(x.device, triton.cdiv(split, 2), m, n)
+    else:
+        y = output_buffer(out, m, n, x)
+        if not (m and n):
+            return y
+        part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
     opts = launch_options(x.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     _gemv_kernel[grid](x, w, y, part, m, n, k, x.stride(0), w.stride(0), y.stride(0), k_per_split,
                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                        EVEN_K=k_per_split * split == k, SPLIT_K=split,
-                       PREFETCH=PREFETCH_FIRST_CHUNK and cfg.block_m == 1, num_warps=cfg.num_warps,
-                       num_stages=cfg.num_stages, **opts)
+                       PREFETCH=PREFETCH_FIRST_CHUNK and cfg.block_m == 1, ATOMIC=atomic,
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
+    if atomic:
+        return Accumulated(part, x.dtype)
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
         _splitk_reduce_kernel[(triton.cdiv(n, block), m)](part, y, m, n, y.stride(0), SPLIT_K=split, BLOCK=block,

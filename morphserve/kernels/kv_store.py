@@ -21,7 +21,9 @@ Offsets are int64: a Llama-2-7B block is 4 Mi elements, so ``local * block_strid
 :class:`KVAddress` bundles what a launch needs from the pool.  :func:`store_kv` writes K/V (the reference is
 :meth:`KVPool.store`); :func:`rope_and_store` is what the engine runs after the QKV projection: it rotates Q
 (into a new tensor) and K, and stores the rotated K and V into the cache, in one launch.  A negative slot skips
-the store (padding rows of a CUDA-graph batch).
+the store (padding rows of a CUDA-graph batch).  Up to :data:`HEAD_SPLIT_MAX_TOKENS` tokens it runs one program
+per (token, KV head), which also handles that head's queries: a decode step's RoPE then spreads over as many
+multiprocessors as there are KV heads (one program per token left a batch-1 step's RoPE on one multiprocessor).
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ import triton.language as tl
 
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.rotary import rope_rotate
+from morphserve.kernels.split_accum import Accumulated, input_args, load_input, zero_input
 from morphserve.kernels.triton_support import launch_options, tl_dtype
 from morphserve.memory.kv_pool import KVPool
+
+# rope_and_store runs one program per (token, KV head) up to this many tokens (module docstring)
+HEAD_SPLIT_MAX_TOKENS = 64
 
 
 @triton.jit
@@ -88,14 +94,12 @@ class KVAddress:
 
 
 @triton.jit
-def _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, hmask,
-                KVH: tl.constexpr, KVH_P2: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-                ELEM_BYTES: tl.constexpr):
-    """Store one token's ``k``/``v`` (``[KVH_P2, D]``, padding heads masked by ``hmask``) at global slot ``slot``
-    of ``layer``."""
+def _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, heads, hmask,
+                KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, ELEM_BYTES: tl.constexpr):
+    """Store one token's ``k``/``v`` (``[len(heads), D]``: KV heads ``heads``, padding rows masked by ``hmask``) at
+    global slot ``slot`` of ``layer``."""
     block = slot // BS
     off = slot % BS
-    heads = tl.arange(0, KVH_P2)
     rows = kv_row_ptrs(kv_ptr, seg_base_ptr, block, (layer * 2 * KVH + heads) * (BS * D) + off * D, shift,
                        block_stride, base_addr, ELEM_BYTES)
     d = tl.arange(0, D)[None, :]
@@ -117,18 +121,21 @@ def _store_kv_kernel(k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, s
         hmask = h < KVH
         k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=hmask, other=0.0)
         v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=hmask, other=0.0)
-        _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, hmask, KVH, KVH_P2,
-                    BS, D, ELEM_BYTES)
+        _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, tl.arange(0, KVH_P2),
+                    hmask, KVH, BS, D, ELEM_BYTES)
 
 
 @triton.jit
-def _rope_store_kernel(qkv_ptr, stride_t, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kv_ptr, seg_base_ptr,
-                       shift, block_stride, base_addr, layer, H: tl.constexpr, H_P2: tl.constexpr,
-                       KVH: tl.constexpr, KVH_P2: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-                       ELEM_BYTES: tl.constexpr, USE_PDL: tl.constexpr):
+def _rope_store_kernel(qkv_ptr, stride_t, part_stride, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kv_ptr,
+                       seg_base_ptr, shift, block_stride, base_addr, layer, H: tl.constexpr, QH: tl.constexpr,
+                       QH_P2: tl.constexpr, KVH: tl.constexpr, KH: tl.constexpr, KH_P2: tl.constexpr,
+                       BS: tl.constexpr, D: tl.constexpr, ELEM_BYTES: tl.constexpr, PARTS: tl.constexpr,
+                       DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
+    # program (t, j): token t's query heads j*QH ... and KV heads j*KH ... (QH = H, KH = KVH: all of them)
     pdl_wait(USE_PDL)
     pdl_trigger(USE_PDL)
     t = tl.program_id(0)
+    j = tl.program_id(1)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, D)[None, :]
     dp = (d + D // 2) % D
@@ -137,22 +144,28 @@ def _rope_store_kernel(qkv_ptr, stride_t, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, 
     row = qkv_ptr + t * stride_t
     # queries: rotated into q_out (a separate buffer: rotating in place would race between the threads that read
     # an element as a partner and the thread that overwrites it)
-    hq = tl.arange(0, H_P2)[:, None]
-    qmask = hq < H
-    q = tl.load(row + hq * D + d, mask=qmask, other=0.0)
-    qp = tl.load(row + hq * D + dp, mask=qmask, other=0.0)
+    iq = tl.arange(0, QH_P2)[:, None]
+    hq = j * QH + iq
+    qmask = iq < QH
+    q = load_input(row, hq * D + d, qmask, PARTS, part_stride, DTYPE)
+    qp = load_input(row, hq * D + dp, qmask, PARTS, part_stride, DTYPE)
     tl.store(q_out_ptr + t * (H * D) + hq * D + d, rope_rotate(q, qp, cos, sin, d, D // 2), mask=qmask)
     slot = tl.load(slot_ptr + t)
+    ik = tl.arange(0, KH_P2)
+    h = (j * KH + ik)[:, None]
+    hmask = ik[:, None] < KH
+    krow = row + H * D
     if slot >= 0:
-        h = tl.arange(0, KVH_P2)[:, None]
-        hmask = h < KVH
-        krow = row + H * D
-        k = tl.load(krow + h * D + d, mask=hmask, other=0.0)
-        kp = tl.load(krow + h * D + dp, mask=hmask, other=0.0)
-        v = tl.load(krow + KVH * D + h * D + d, mask=hmask, other=0.0)
+        k = load_input(krow, h * D + d, hmask, PARTS, part_stride, DTYPE)
+        kp = load_input(krow, h * D + dp, hmask, PARTS, part_stride, DTYPE)
+        v = load_input(krow, KVH * D + h * D + d, hmask, PARTS, part_stride, DTYPE)
         k = rope_rotate(k, kp, cos, sin, d, D // 2)
-        _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, hmask, KVH, KVH_P2,
-                    BS, D, ELEM_BYTES)
+        _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, j * KH + ik, hmask,
+                    KVH, BS, D, ELEM_BYTES)
+    # zero the accumulated row (split_accum; after a barrier: threads read their partners' elements)
+    zero_input(row, hq * D + d, qmask, PARTS, part_stride)
+    zero_input(krow, h * D + d, hmask, PARTS, part_stride)
+    zero_input(krow, KVH * D + h * D + d, hmask, PARTS, part_stride)
 
 
 def _check_slots(slot_mapping: torch.Tensor, t: int) -> None:
@@ -178,14 +191,16 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, addr: KVAddress, layer: int, slot
                                **launch_options(k.device))
 
 
-def rope_and_store(qkv: torch.Tensor, num_heads: int, positions: torch.Tensor, cos: torch.Tensor,
+def rope_and_store(qkv: "torch.Tensor | Accumulated", num_heads: int, positions: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, addr: KVAddress, layer: int, slot_mapping: torch.Tensor) -> torch.Tensor:
-    """From the fused projection ``qkv`` (``[T, (heads + 2 * kv_heads) * head_dim]``, rows contiguous): returns
-    the rotated queries ``[T, heads, head_dim]`` and stores the rotated keys and the values of ``layer`` into the
-    cache at ``slot_mapping``.  ``cos``/``sin`` are the full tables, ``positions`` the tokens' positions."""
+    """From the fused projection ``qkv`` (``[T, (heads + 2 * kv_heads) * head_dim]``, rows contiguous, or its
+    accumulated sums: :mod:`morphserve.kernels.split_accum`): returns the rotated queries ``[T, heads, head_dim]``
+    and stores the rotated keys and the values of ``layer`` into the cache at ``slot_mapping``.  ``cos``/``sin``
+    are the full tables, ``positions`` the tokens' positions."""
     t = qkv.shape[0]
     d, kvh = addr.head_dim, addr.num_kv_heads
-    if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * kvh) * d or qkv.stride(1) != 1:
+    if (len(qkv.shape) != 2 or qkv.shape[1] != (num_heads + 2 * kvh) * d
+            or (isinstance(qkv, torch.Tensor) and qkv.stride(1) != 1)):
         raise ValueError(f"rope_and_store: qkv {tuple(qkv.shape)} must be [T, {(num_heads + 2 * kvh) * d}] "
                          f"with contiguous rows")
     if positions.shape != (t,):
@@ -193,9 +208,15 @@ def rope_and_store(qkv: torch.Tensor, num_heads: int, positions: torch.Tensor, c
     _check_slots(slot_mapping, t)
     q = torch.empty((t, num_heads, d), dtype=qkv.dtype, device=qkv.device)
     if t:
-        _rope_store_kernel[(t,)](qkv, qkv.stride(0), q, positions, cos, sin, slot_mapping, addr.base,
-                                 addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer,
-                                 H=num_heads, H_P2=triton.next_power_of_2(num_heads), KVH=kvh,
-                                 KVH_P2=triton.next_power_of_2(kvh), BS=addr.block_size, D=d,
-                                 ELEM_BYTES=addr.elem_bytes, **launch_options(qkv.device))
+        xp, stride_x, parts, part_stride = input_args(qkv)
+        # few tokens: one program per (token, KV head) with that head's queries, so a batch-1 step's RoPE is
+        # spread over KV-head-many multiprocessors instead of one; many tokens: one program per token
+        progs = kvh if t <= HEAD_SPLIT_MAX_TOKENS and num_heads % kvh == 0 else 1
+        qh, kh = num_heads // progs, kvh // progs
+        _rope_store_kernel[(t, progs)](xp, stride_x, part_stride, q, positions, cos, sin, slot_mapping, addr.base,
+                                       addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer,
+                                       H=num_heads, QH=qh, QH_P2=triton.next_power_of_2(qh), KVH=kvh, KH=kh,
+                                       KH_P2=triton.next_power_of_2(kh), BS=addr.block_size, D=d,
+                                       ELEM_BYTES=addr.elem_bytes, PARTS=parts, DTYPE=tl_dtype(qkv.dtype),
+                                       **launch_options(qkv.device))
     return q

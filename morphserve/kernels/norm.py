@@ -16,18 +16,21 @@ import triton
 import triton.language as tl
 
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
-from morphserve.kernels.triton_support import launch_options
+from morphserve.kernels.split_accum import Accumulated, input_args, load_input, zero_input
+from morphserve.kernels.triton_support import launch_options, tl_dtype
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n, stride_x, stride_r, stride_o, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n, stride_x, stride_r, stride_o, eps, part_stride,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr, DTYPE: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     pdl_trigger(USE_PDL)
     t = tl.program_id(0)
     c = tl.arange(0, BLOCK)
     m = c < n
-    x = tl.load(x_ptr + t * stride_x + c, mask=m, other=0.0)
+    x = load_input(x_ptr + t * stride_x, c, m, PARTS, part_stride, DTYPE)
+    zero_input(x_ptr + t * stride_x, c, m, PARTS, part_stride)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + t * stride_r + c, mask=m, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
@@ -39,30 +42,34 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n, stride_x, stride_r, stri
     tl.store(out_ptr + t * stride_o + c, (y.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=m)
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (x.shape[1],) or weight.dtype != x.dtype:
+def _launch(x: "torch.Tensor | Accumulated", residual: torch.Tensor | None, weight: torch.Tensor,
+            eps: float) -> torch.Tensor:
+    if (len(x.shape) != 2 or (isinstance(x, torch.Tensor) and x.stride(1) != 1) or weight.shape != (x.shape[1],)
+            or weight.dtype != x.dtype):
         raise ValueError(f"rms_norm: x {tuple(x.shape)} {x.dtype} (rows contiguous) and weight "
                          f"{tuple(weight.shape)} {weight.dtype} do not match")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
         raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} does not match x "
                          f"{tuple(x.shape)} {x.dtype}")
     t, n = x.shape
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty((t, n), dtype=x.dtype, device=x.device)
     if t:
         block = triton.next_power_of_2(n)
-        res = residual if residual is not None else x
-        _rms_norm_kernel[(t,)](x, res, weight, out, n, x.stride(0), res.stride(0), out.stride(0), eps,
-                               HAS_RESIDUAL=residual is not None, BLOCK=block,
+        xp, stride_x, parts, part_stride = input_args(x)
+        res = residual if residual is not None else out  # not read without a residual
+        _rms_norm_kernel[(t,)](xp, res, weight, out, n, stride_x, res.stride(0), out.stride(0), eps, part_stride,
+                               HAS_RESIDUAL=residual is not None, BLOCK=block, PARTS=parts, DTYPE=tl_dtype(x.dtype),
                                num_warps=max(1, min(16, block // 512)), **launch_options(x.device))
     return out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of each row of ``x`` (``[T, hidden]``); returns a new tensor."""
+def rms_norm(x: "torch.Tensor | Accumulated", weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of ``x`` (``[T, hidden]``, or a projection's accumulated sums:
+    :mod:`morphserve.kernels.split_accum`); returns a new tensor."""
     return _launch(x, None, weight, eps)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def add_rms_norm(x: "torch.Tensor | Accumulated", residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``residual += x`` (in place); returns ``(rms_norm(residual), residual)``."""
+    """``residual += x`` (in place; ``x`` may be accumulated sums); returns ``(rms_norm(residual), residual)``."""
     return _launch(x, residual, weight, eps), residual

@@ -10,7 +10,8 @@ RMSNorm (+ residual)   ``reference.rms_norm`` / ``add_rms_norm``    :mod:`morphs
 RoPE + KV store        ``reference.rotary`` + ``KVPool.store``      :func:`morphserve.kernels.kv_store.rope_and_store`
 paged attention        ``reference.paged_attention`` (per seq)      :mod:`morphserve.kernels.attention`
 SiLU-and-mul           ``reference.silu_and_mul``                   :mod:`morphserve.kernels.activation`
-projections            ``linear()`` -> ``F.linear``                 ``linear()`` -> Triton GEMV at small M (fp16/bf16)
+projections            ``linear()`` -> ``F.linear``                 ``linear()`` -> Triton GEMV at small M (fp16/bf16);
+                                                                    batch-1 split-K sums accumulated for the consumer
 LM head                ``F.linear``                                 Triton GEMV at small M, else ``F.linear``
 =====================  ===========================================  ==============================================
 
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 from morphserve.kernels import reference as ref
 from morphserve.kernels.triton_support import interpreting, triton_usable
 from morphserve.memory.kv_pool import KVPool
+from morphserve.memory.weight_arena import LayerWeights, Precision
+from morphserve.model.linear import linear
 
 if TYPE_CHECKING:
     from morphserve.model.llama import ForwardBatch, LlamaModel
@@ -84,6 +87,19 @@ class KernelSet(ABC):
 
     @abstractmethod
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+    def projection(self, x: torch.Tensor, lw: LayerWeights, name: str) -> Any:
+        """``linear(x, lw, name)`` for a result that only this set's kernels consume (RoPE + KV store, add-RMSNorm,
+        SiLU-and-multiply); a set may return a form that they read directly (the Triton set: a batch-1 split-K
+        product's accumulated sums, :mod:`morphserve.kernels.split_accum`).  Default: the tensor."""
+        return linear(x, lw, name)
+
+    def finish(self, x: Any) -> torch.Tensor:
+        """A :meth:`projection` result as a tensor."""
+        return x
+
+    def abandon(self) -> None:
+        """Called when a forward fails part-way: drop state a produced result left for a consumer that never ran."""
 
     @abstractmethod
     def lm_head(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -167,10 +183,10 @@ class TritonKernels(KernelSet):
             raise ValueError(f"Triton kernels cannot run on device {str(device)!r}: {hint}")
         # Imported here: the kernel modules decorate @triton.jit functions, which must happen after the
         # interpreter switch on CPU, and the CPU reference path never needs Triton.
-        from morphserve.kernels import activation, attention, gemv, kv_store, norm
+        from morphserve.kernels import activation, attention, gemv, kv_store, norm, split_accum
 
         self._activation, self._attention, self._gemv = activation, attention, gemv
-        self._kv_store, self._norm = kv_store, norm
+        self._kv_store, self._norm, self._split_accum = kv_store, norm, split_accum
         self.device = device
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 4)
@@ -237,8 +253,22 @@ class TritonKernels(KernelSet):
     def silu_and_mul(self, gate_up):
         return self._activation.silu_and_mul(gate_up)
 
+    def projection(self, x, lw, name):
+        if lw.precision is Precision.FP16 and self._gemv.use_triton(x, lw.tensors[name]):
+            return self._gemv.gemv(x, lw.tensors[name], accumulate=True)
+        return linear(x, lw, name)  # quantized layers (their own kernels), and products cuBLAS serves
+
+    def finish(self, x):
+        return self._split_accum.finish(x)
+
+    def abandon(self):
+        self._split_accum.reset()
+
     def lm_head(self, h, weight):
-        return self._gemv.matmul(h, weight).float()
+        g = self._gemv
+        if g.use_triton(h, weight):  # accumulated sums are rounded to h's dtype and widened in one kernel
+            return self._split_accum.finish(g.gemv(h, weight, accumulate=True), dtype=torch.float32)
+        return g.matmul(h, weight).float()
 
 
 KERNEL_SETS = ("reference", "triton")

@@ -41,6 +41,12 @@ class ForwardBatch:
     # its order; the Triton set's prefill tile map), regions of the same packed upload.
     kernel_regions: tuple[torch.Tensor, ...] = ()
 
+    def samples_every_row(self) -> bool:
+        """Whether ``logits_indices`` is every row in order: a decode-only step (one row per sequence) in which
+        every sequence samples (the model runner and the CUDA-graph runner list sampling rows in ascending order)."""
+        t = self.token_ids.shape[0]
+        return self.logits_indices.shape[0] == t and self.query_start == list(range(t + 1))
+
 
 class LayerHooks(Protocol):
     """Called by :meth:`LlamaModel.forward` around each layer (implemented by the layer swapper)."""
@@ -128,16 +134,20 @@ class LlamaModel:
         ks = kernels or self.kernels
         state = ks.begin(self, batch, pool)
         with ks.linear_scope():
-            x, residual = self.embed[batch.token_ids], None
-            for i in range(self.cfg.num_layers):
+            try:
+                x, residual = self.embed[batch.token_ids], None
+                for i in range(self.cfg.num_layers):
+                    if hooks is not None:
+                        hooks.before_layer(i)
+                    x, residual = self.layer_forward(i, x, residual, state, pool, ks)
+                    if hooks is not None:
+                        hooks.after_layer(i)
                 if hooks is not None:
-                    hooks.before_layer(i)
-                x, residual = self.layer_forward(i, x, residual, state, pool, ks)
-                if hooks is not None:
-                    hooks.after_layer(i)
-            if hooks is not None:
-                hooks.after_step()
-            return self.head(x, residual, batch.logits_indices, ks)
+                    hooks.after_step()
+                return self.head(x, residual, batch.logits_indices, ks, batch.samples_every_row())
+            except BaseException:
+                ks.abandon()
+                raise
 
     def layer_forward(self, i: int, x: torch.Tensor, residual: torch.Tensor | None, state, pool: KVPool,
                       ks: KernelSet, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,13 +162,25 @@ class LlamaModel:
             residual, h = x, ks.rms_norm(x, lw["input_norm"], eps)
         else:
             h, residual = ks.add_rms_norm(x, residual, lw["input_norm"], eps)
-        q = ks.rope_and_store(linear(h, lw, "qkv"), state, pool, lw.index)
-        x = linear(ks.attention(q, state, pool, lw.index), lw, "o")
+        # ks.projection: results only ks's kernels read (the Triton set may hand them over as accumulated sums)
+        q = ks.rope_and_store(ks.projection(h, lw, "qkv"), state, pool, lw.index)
+        x = ks.projection(ks.attention(q, state, pool, lw.index), lw, "o")
         h, residual = ks.add_rms_norm(x, residual, lw["post_norm"], eps)
-        x = linear(ks.silu_and_mul(linear(h, lw, "gate_up")), lw, "down", out)
+        act = ks.silu_and_mul(ks.projection(h, lw, "gate_up"))
+        # with ``out`` the next layer (a separate graph) reads a plain tensor there; without, its add_rms_norm
+        # (or the head) takes the result in the form ks gives it
+        x = linear(act, lw, "down", out) if out is not None else ks.projection(act, lw, "down")
         return x, residual
 
-    def head(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, ks: KernelSet) -> torch.Tensor:
-        """float32 logits of ``rows`` after the last layer (the final norm is row-wise: only those rows)."""
-        h, _ = ks.add_rms_norm(x[rows], residual[rows], self.final_norm, self.cfg.rms_norm_eps)
+    def head(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, ks: KernelSet,
+             every_row: bool = False) -> torch.Tensor:
+        """float32 logits of ``rows`` after the last layer (the final norm is row-wise: only those rows).
+        ``every_row`` (:meth:`ForwardBatch.samples_every_row`): ``rows`` is every row in order, so nothing is
+        gathered; the final add then updates ``residual`` in place (the Triton set), which is not read again."""
+        eps = self.cfg.rms_norm_eps
+        if every_row:
+            h, _ = ks.add_rms_norm(x, residual, self.final_norm, eps)
+        else:
+            x = ks.finish(x)
+            h, _ = ks.add_rms_norm(x[rows], residual[rows], self.final_norm, eps)
         return ks.lm_head(h, self.lm_head)
