@@ -221,14 +221,14 @@ def test_accumulated_split_k_gives_the_same_logits(tiny_gqa, monkeypatch):
     monkeypatch.setattr(eng.model.kernels, "silu_and_mul", silu_spy)
     for on in (False, True):
         monkeypatch.setattr(G, "ACCUMULATE_SPLITK", on)
-        _greedy(eng, [PARITY_PROMPTS[0]], 5, ignore_eos=True)
-    assert len(logits[True]) == len(logits[False]) >= 4
+        _greedy(eng, ["the quick brown fox"], 4, ignore_eos=True)
+    assert len(logits[True]) == len(logits[False]) >= 3
     assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))
     assert any(handed) and A._BUFFERS and all(torch.count_nonzero(b).item() == 0 for b in A._BUFFERS.values())
     # a forward that fails between the gate_up product and its consumer leaves no sums behind (KernelSet.abandon)
     fail.append(True)
     with pytest.raises(RuntimeError, match="stop between"):
-        _greedy(eng, [PARITY_PROMPTS[0]], 5, ignore_eos=True)
+        _greedy(eng, ["the quick brown fox"], 4, ignore_eos=True)
     assert handed[-1] and all(torch.count_nonzero(b).item() == 0 for b in A._BUFFERS.values())
 
 
