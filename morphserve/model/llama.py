@@ -45,7 +45,8 @@ class ForwardBatch:
         """Whether ``logits_indices`` is every row in order: a decode-only step (one row per sequence) in which
         every sequence samples (the model runner and the CUDA-graph runner list sampling rows in ascending order)."""
         t = self.token_ids.shape[0]
-        return self.logits_indices.shape[0] == t and self.query_start == list(range(t + 1))
+        qs = self.query_start
+        return self.logits_indices.shape[0] == t and len(qs) == t + 1 and all(int(a) == i for i, a in enumerate(qs))
 
 
 class LayerHooks(Protocol):
