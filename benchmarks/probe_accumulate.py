@@ -48,8 +48,6 @@ from morphserve.kernels import kv_store as KV  # noqa: E402
 from morphserve.model.llama import ForwardBatch  # noqa: E402
 
 DOWN = (4096, 11008, 1)  # Llama-2-7B's down projection at M = 1
-
-
 DOWN2 = {"(4,1024,split2)": G.GemvConfig(1, 4, 1024, 4, 1, 2), "(2,1024,split2)": G.GemvConfig(1, 2, 1024, 4, 1, 2)}
 
 

@@ -238,8 +238,8 @@ def test_linear_routes_through_triton_only_inside_the_scope(monkeypatch):
     import morphserve.kernels.gemv as g
 
     real = g.gemv
-    monkeypatch.setattr(g, "gemv", lambda x, w, config=None, out=None: calls.append(x.shape[0])
-                        or real(x, w, config, out))
+    monkeypatch.setattr(g, "gemv", lambda x, w, config=None, out=None, accumulate=False: calls.append(x.shape[0])
+                        or real(x, w, config, out, accumulate))
     w = _rand(32, 64, dtype=torch.float16)
     lw = LayerWeights(0, Precision.FP16, {"o": w})
     x = _rand(2, 64, dtype=torch.float16)

@@ -336,10 +336,12 @@ def use_triton(x: torch.Tensor, w: torch.Tensor) -> bool:
     return tuned is not None
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
+           accumulate: bool = False) -> "torch.Tensor | Accumulated":
     """``x @ w.T`` by the Triton kernel where :func:`use_triton` says so, else ``F.linear`` (the reference);
-    into ``out`` when given (``x`` 2-D)."""
-    return gemv(x, w, out=out) if use_triton(x, w) else dense_linear(x, w, out)
+    into ``out`` when given (``x`` 2-D).  ``accumulate``: see :func:`gemv` (a Triton product may come back as
+    accumulated sums)."""
+    return gemv(x, w, out=out, accumulate=accumulate) if use_triton(x, w) else dense_linear(x, w, out)
 
 
 def linear_fp16(x: torch.Tensor, lw: LayerWeights, name: str, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -254,9 +254,9 @@ class TritonKernels(KernelSet):
         return self._activation.silu_and_mul(gate_up)
 
     def projection(self, x, lw, name):
-        if lw.precision is Precision.FP16 and self._gemv.use_triton(x, lw.tensors[name]):
-            return self._gemv.gemv(x, lw.tensors[name], accumulate=True)
-        return linear(x, lw, name)  # quantized layers (their own kernels), and products cuBLAS serves
+        if lw.precision is Precision.FP16:  # the FP16 kernel, asked to hand batch-1 split-K sums over as they are
+            return self._gemv.matmul(x, lw.tensors[name], accumulate=True)
+        return linear(x, lw, name)  # quantized layers: their own kernels
 
     def finish(self, x):
         return self._split_accum.finish(x)
@@ -265,10 +265,8 @@ class TritonKernels(KernelSet):
         self._split_accum.reset()
 
     def lm_head(self, h, weight):
-        g = self._gemv
-        if g.use_triton(h, weight):  # accumulated sums are rounded to h's dtype and widened in one kernel
-            return self._split_accum.finish(g.gemv(h, weight, accumulate=True), dtype=torch.float32)
-        return g.matmul(h, weight).float()
+        # accumulated sums are rounded to h's dtype and widened in one kernel; a tensor is widened as it is
+        return self._split_accum.finish(self._gemv.matmul(h, weight, accumulate=True), dtype=torch.float32)
 
 
 KERNEL_SETS = ("reference", "triton")
