@@ -182,7 +182,9 @@ def test_accumulated_split_k_gives_the_same_logits(tiny_gqa, monkeypatch):
     """Batch-1 decode with every projection and the LM head a two-split GEMV: the Triton set hands the accumulated
     sums to the consumer kernels (split_accum) instead of launching the reduce kernel.  The logits of every decode
     step are bit-identical with the reduce path, the consumers did receive accumulated sums, and every accumulator
-    is zero after the run (each consumer re-zeroes what it read), also after a forward that failed part-way."""
+    is zero after the run (each consumer re-zeroes what it read), also after a forward that failed part-way.  With
+    RoPE + KV store fused into the decode launch (attention.rope_store_decode) or not, the logits are the same."""
+    from morphserve.kernels import attention as T
     from morphserve.kernels import gemv as G
     from morphserve.kernels import split_accum as A
     from morphserve.model.llama import LlamaModel
@@ -205,7 +207,7 @@ def test_accumulated_split_k_gives_the_same_logits(tiny_gqa, monkeypatch):
     def spy(self, batch, *a, **kw):
         out = forward(self, batch, *a, **kw)
         if batch.token_ids.shape[0] == 1:
-            logits.setdefault(G.ACCUMULATE_SPLITK, []).append(out.clone())
+            logits.setdefault((G.ACCUMULATE_SPLITK, T.FUSE_ROPE_DECODE), []).append(out.clone())
         return out
 
     consume = eng.model.kernels.silu_and_mul
@@ -219,11 +221,13 @@ def test_accumulated_split_k_gives_the_same_logits(tiny_gqa, monkeypatch):
 
     monkeypatch.setattr(LlamaModel, "forward", spy)
     monkeypatch.setattr(eng.model.kernels, "silu_and_mul", silu_spy)
-    for on in (False, True):
+    for on, fuse in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(G, "ACCUMULATE_SPLITK", on)
+        monkeypatch.setattr(T, "FUSE_ROPE_DECODE", fuse)
         _greedy(eng, ["the quick brown fox"], 4, ignore_eos=True)
-    assert len(logits[True]) == len(logits[False]) >= 3
-    assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))
+    base = logits[(False, False)]
+    assert len(base) >= 3 and all(len(v) == len(base) for v in logits.values()) and len(logits) == 3
+    assert all(torch.equal(a, b) for v in logits.values() for a, b in zip(v, base))
     assert any(handed) and A._BUFFERS and all(torch.count_nonzero(b).item() == 0 for b in A._BUFFERS.values())
     # a forward that fails between the gate_up product and its consumer leaves no sums behind (KernelSet.abandon)
     fail.append(True)

@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
 
 from morphserve.kernels import reference as ref  # noqa: E402
 from morphserve.kernels.attention import (DecodeTuning, PagedAttentionMetadata, attention_flops,  # noqa: E402
-                                          decode_splits, decode_tuning, paged_attention, paged_attention_decode, paged_attention_prefill,
-                                          prefill_tile_map)
+                                          decode_splits, decode_tuning, paged_attention, paged_attention_decode,
+                                          paged_attention_prefill, prefill_tile_map, rope_store_decode)
 from morphserve.kernels import kv_store  # noqa: E402
 from morphserve.kernels.kv_store import KVAddress, rope_and_store, store_kv  # noqa: E402
 from morphserve.memory.kv_pool import KVPool  # noqa: E402
@@ -183,6 +183,60 @@ def test_decode_matches_reference_for_every_split(heads, kv_heads, head_dim, dty
         assert meta.is_decode
         got = paged_attention_decode(q, KVAddress.of(pool), 1, meta, scale)
         _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("accumulated", [False, True])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES + [(9, 3, 64)])
+def test_rope_store_decode_gives_the_bits_of_the_two_kernels(heads, kv_heads, head_dim, accumulated):
+    """The fused decode launch (RoPE + KV store inside the decode kernel) against rope_and_store followed by
+    paged_attention_decode, for 1, 3 and 16 splits: the same output bits and the same cache bytes, including a
+    sequence whose newest key lands on a block boundary, a one-token context, and a padding row (negative slot:
+    nothing stored, the cache read as it is).  Accumulated sums (split_accum) are rounded like the plain
+    projection and zeroed afterwards, by the merge kernel or, with one split, by the decode program."""
+    from morphserve.kernels.split_accum import Accumulated
+
+    dtype = torch.float16
+    ctx_lens = [1, 9, 70, 16]
+    cos = torch.randn(80, head_dim, device=DEV).to(dtype)
+    sin = torch.randn(80, head_dim, device=DEV).to(dtype)
+    positions = torch.tensor(ctx_lens, device=DEV) - 1
+    width = (heads + 2 * kv_heads) * head_dim
+    for splits in (1, 3, 16):
+        got_pool, _, ids = _pool(heads, kv_heads, head_dim, dtype)
+        want_pool, _, _ = _pool(heads, kv_heads, head_dim, dtype)
+        _randomize(got_pool)
+        _randomize(want_pool)
+        tables = _tables(ids, ctx_lens, seed=splits)
+        slots = [t[(c - 1) // BS] * BS + (c - 1) % BS for t, c in zip(tables, ctx_lens)]
+        slots[2] = -1  # a padding row: its newest key is not stored
+        slots = torch.tensor(slots, device=DEV)
+        meta = PagedAttentionMetadata.from_lists(list(range(len(ctx_lens) + 1)), ctx_lens, tables, DEV,
+                                                 num_splits=splits)
+        acc = torch.randn(2, len(ctx_lens), width, device=DEV)
+        plain = (acc[0] + acc[1]).to(dtype)
+        q = rope_and_store(plain, heads, positions, cos, sin, KVAddress.of(want_pool), 1, slots)
+        want = paged_attention_decode(q, KVAddress.of(want_pool), 1, meta, head_dim ** -0.5)
+        got = rope_store_decode(Accumulated(acc, dtype) if accumulated else plain, heads, positions, cos, sin,
+                                KVAddress.of(got_pool), 1, slots, meta, head_dim ** -0.5)
+        assert torch.equal(got, want), splits
+        assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(got_pool.segments.values(),
+                                                                    want_pool.segments.values())), splits
+        if accumulated:
+            assert torch.count_nonzero(acc).item() == 0, splits
+
+
+def test_rope_store_decode_rejects_mismatched_inputs():
+    pool, _, ids = _pool(4, 2, 64, torch.float16)
+    meta = PagedAttentionMetadata.from_lists([0, 1], [3], [ids[:1]], DEV)
+    cos = torch.zeros(8, 64, device=DEV, dtype=torch.float16)
+    pos, slots = torch.tensor([2], device=DEV), torch.tensor([2], device=DEV)
+    qkv = torch.zeros(1, 8 * 64, device=DEV, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"qkv \(1, 448\) must be \[S, 512\]"):
+        rope_store_decode(qkv[:, :-64].contiguous(), 4, pos, cos, cos, KVAddress.of(pool), 0, slots, meta, 1.0)
+    with pytest.raises(ValueError, match="positions"):
+        rope_store_decode(qkv, 4, pos[:0], cos, cos, KVAddress.of(pool), 0, slots, meta, 1.0)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        rope_store_decode(qkv, 4, pos, cos, cos, KVAddress.of(pool), 0, slots.int(), meta, 1.0)
 
 
 @pytest.mark.parametrize("tuning", [DecodeTuning(block_n=16, prefetch=True), DecodeTuning(block_n=32, prefetch=True),

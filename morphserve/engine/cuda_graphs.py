@@ -78,7 +78,6 @@ import numpy as np
 import torch
 
 from morphserve.engine.graph_composite import CompositeGraph, NotFlattenable, structure
-from morphserve.engine.sampler import feed_tokens
 from morphserve.memory.kv_pool import KVPool
 from morphserve.model.kernel_set import KernelSet
 from morphserve.model.llama import ForwardBatch, LlamaModel
@@ -459,7 +458,7 @@ class DecodeGraphs:
         self._upload_kernel(self.inputs[:n], self.pinned[:n])
         self._copied.record()
         if feed is not None:
-            feed_tokens(self._regions(b, self.inputs)[0][:s], feed)
+            self.kernels.feed_tokens(self._regions(b, self.inputs)[0][:s], feed)
 
     def run(self, hb: "HostBatch", hooks: "LayerHooks | None" = None,
             feed: torch.Tensor | None = None) -> torch.Tensor:

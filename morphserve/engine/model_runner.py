@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from morphserve.engine.cuda_graphs import DecodeGraphs
-from morphserve.engine.sampler import feed_tokens, sample, sample_tensor
+from morphserve.engine.sampler import sample, sample_tensor
 from morphserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from morphserve.memory.kv_pool import KVPool
 from morphserve.model.kernel_set import KernelSet
@@ -221,7 +221,7 @@ class ModelRunner:
     def forward(self, hb: HostBatch, feed: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the rows that sample: a CUDA-graph replay for decode steps the graphs serve, else eager.
         ``feed``: the tokens sampled by the step in flight (asynchronous steps), which input placeholders read
-        (:func:`feed_tokens`)."""
+        (:meth:`KernelSet.feed_tokens`)."""
         if not (hb.num_tokens and int(hb.tokens.min()) < 0):
             feed = None  # no placeholder to fill
         elif feed is None or feed.shape[0] == 0:
@@ -234,7 +234,7 @@ class ModelRunner:
             return self.graphs.run(hb, hooks, feed)
         fb = self.upload(hb)
         if feed is not None:
-            feed_tokens(fb.token_ids, feed)
+            self.kernels.feed_tokens(fb.token_ids, feed)
         return self.model.forward(fb, self.pool, self.kernels, hooks=hooks)
 
     def launch(self, sched: SchedulerOutput, feed: torch.Tensor | None = None) -> "InFlightTokens":
@@ -251,7 +251,8 @@ class ModelRunner:
         logits = self.forward(hb, feed)
         if timing is not None:
             end.record()
-        tokens = sample_tensor(logits, [r.params for r in sampling], [r.generator for r in sampling])
+        tokens = sample_tensor(logits, [r.params for r in sampling], [r.generator for r in sampling],
+                               self.kernels.greedy)
         t_enqueued = time.perf_counter()
         if self.after_launch is not None:
             self.after_launch()
@@ -274,7 +275,7 @@ class ModelRunner:
             logits = self.forward(self.host_batch(sched))
             if self.after_launch is not None:
                 self.after_launch()
-            return sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+            return sample(logits, [r.params for r in sampling], [r.generator for r in sampling], self.kernels.greedy)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         hb = self.host_batch(sched)
@@ -286,7 +287,7 @@ class ModelRunner:
         if self.after_launch is not None:
             self.after_launch()
         t2 = time.perf_counter()
-        tokens = sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+        tokens = sample(logits, [r.params for r in sampling], [r.generator for r in sampling], self.kernels.greedy)
         t3 = time.perf_counter()
         timing.host_prepare.append(t1 - t0)
         timing.host_launch.append(t2 - t1)

@@ -1,23 +1,29 @@
-"""Next-token sampling: greedy (argmax, as transformers' greedy search) or temperature / top-k / top-p; and feeding
-sampled tokens still on the device into the next step's input (asynchronous steps)."""
+"""Next-token sampling: greedy (argmax, as transformers' greedy search) or temperature / top-k / top-p.
+
+The greedy argmax is the kernel set's (:meth:`~morphserve.model.kernel_set.KernelSet.greedy`: ``torch.argmax`` for
+the reference set, a Triton kernel for the fast path) when the caller passes it.  Feeding sampled tokens still on
+the device into the next step's input (asynchronous steps) is :meth:`KernelSet.feed_tokens`."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from morphserve.engine.sampling_params import SamplingParams
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """``logits``: float32 ``[S, vocab]``; returns one token id per row."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           greedy: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[int]:
+    """``logits``: float32 ``[S, vocab]``; returns one token id per row.  ``greedy``: the argmax of each row
+    (default ``torch.argmax``)."""
     if logits.shape[0] == 0:
         return []
-    return sample_tensor(logits, params, generators).tolist()
+    return sample_tensor(logits, params, generators, greedy).tolist()
 
 
-def sample_tensor(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample_tensor(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                  greedy: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`sample` without reading the tokens back: int64 ``[S]`` on the logits' device.
 
     Nothing here waits for the device when every generator lives on the logits' device (the engine creates them
@@ -28,7 +34,7 @@ def sample_tensor(logits: torch.Tensor, params: list[SamplingParams],
     exponential race: ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)`` from the row's own generator, which picks ``i``
     with probability ``p_i``.  A row's draw therefore depends only on its logits and its generator, never on the
     other rows of the batch."""
-    out = logits.argmax(dim=-1)
+    out = greedy(logits) if greedy is not None else logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out
@@ -72,12 +78,3 @@ def _exponential(n: int, device: torch.device, gen: torch.Generator | None) -> t
     on the host draws there (no wait for the device either way)."""
     e = torch.empty(n, dtype=torch.float32, device=gen.device if gen is not None else device)
     return _to(e.exponential_(generator=gen).clamp_min_(torch.finfo(torch.float32).tiny), device)
-
-
-def feed_tokens(tokens: torch.Tensor, feed: torch.Tensor) -> None:
-    """Replace the placeholders in a step's device input ``tokens`` in place: ``-(1 + r)`` stands for row ``r`` of
-    ``feed``, the tokens the step in flight samples (asynchronous steps; stream order makes them ready).  Device
-    operations only: nothing waits for the device."""
-    hole = tokens < 0
-    rows = (-tokens - 1).clamp_(0, feed.shape[0] - 1)
-    tokens.copy_(torch.where(hole, feed.index_select(0, rows), tokens))

@@ -37,13 +37,17 @@ import torch
 import triton
 import triton.language as tl
 
-from morphserve.kernels.kv_store import KVAddress, kv_row_ptrs
+from morphserve.kernels.kv_store import KVAddress, store_rows, check_slots, kv_row_ptrs
+from morphserve.kernels.rotary import rope_rotate
+from morphserve.kernels.split_accum import Accumulated, input_args, load_input, zero_input
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.triton_support import dot_precision, launch_options
 
 PREFILL_BLOCK_M = 64  # query rows per prefill tile (the host's tile map uses it)
 PREFILL_BLOCK_N = 64
 MAX_DECODE_SPLITS = 16
+# Decode steps of the Triton kernel set run RoPE + KV store inside the decode kernel's launch (rope_store_decode)
+FUSE_ROPE_DECODE = True
 LOG2E = 1.4426950408889634
 
 
@@ -208,13 +212,36 @@ def _prefill_kernel(q_ptr, out_ptr, qs_ptr, ctx_ptr, tables_ptr, table_stride, t
     tl.store(out_ptr + ((q_lo + rows) * H + h)[:, None] * D + d[None, :], o.to(DTYPE), mask=rmask[:, None])
 
 
+@triton.jit
+def _rope_rows(row, heads, hmask, cos, sin, part_stride, D: tl.constexpr, PARTS: tl.constexpr, DTYPE: tl.constexpr):
+    """Heads ``heads`` (``[R]``, rows ``hmask``) of the projection row ``row`` (or its accumulated sums) rotated at
+    ``cos``/``sin`` (``[1, D]``), rounded as :func:`morphserve.kernels.kv_store.rope_and_store` rounds them."""
+    d = tl.arange(0, D)[None, :]
+    x = load_input(row, heads[:, None] * D + d, hmask[:, None], PARTS, part_stride, DTYPE)
+    xp = load_input(row, heads[:, None] * D + (d + D // 2) % D, hmask[:, None], PARTS, part_stride, DTYPE)
+    return rope_rotate(x, xp, cos, sin, d, D // 2).to(DTYPE)
+
+
+@triton.jit
+def _zero_qkv_heads(row, part_stride, q_heads, q_mask, kv_heads, kv_mask, H: tl.constexpr, KVH: tl.constexpr,
+                    D: tl.constexpr, PARTS: tl.constexpr):
+    """Zero the accumulated sums (``PARTS > 0``) of query heads ``q_heads`` and of the keys and values of KV heads
+    ``kv_heads`` in the projection row ``row`` (:func:`morphserve.kernels.split_accum.zero_input`)."""
+    d = tl.arange(0, D)[None, :]
+    zero_input(row, q_heads[:, None] * D + d, q_mask[:, None], PARTS, part_stride)
+    zero_input(row, (H + kv_heads)[:, None] * D + d, kv_mask[:, None], PARTS, part_stride)
+    zero_input(row, (H + KVH + kv_heads)[:, None] * D + d, kv_mask[:, None], PARTS, part_stride)
+
+
 @triton.jit(do_not_specialize=["table_stride"], do_not_specialize_on_alignment=["ctx_ptr", "tables_ptr"])  # as prefill
 def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr, table_stride, kv_ptr,
-                   seg_base_ptr, shift, block_stride, base_addr, layer, scale_log2, num_splits, H: tl.constexpr,
+                   seg_base_ptr, shift, block_stride, base_addr, layer, scale_log2, num_splits, stride_q,
+                   part_stride, pos_ptr, cos_ptr, sin_ptr, slot_ptr, H: tl.constexpr,
                    KVH: tl.constexpr, ELEM_BYTES: tl.constexpr,
                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   ROPE: tl.constexpr, PARTS: tl.constexpr, USE_PDL: tl.constexpr):
+    # ROPE: q_ptr is the QKV projection (rows stride_q apart; PARTS > 0: accumulated sums), see rope_store_decode
     pdl_wait(USE_PDL)
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -227,7 +254,27 @@ def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr
     gmask = g < GROUP
     head = kvh * GROUP + g
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (s * H + head)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+    if ROPE:  # RoPE fused (rope_store_decode): the queries rotated from the projection row
+        qkv_row = q_ptr + s * stride_q
+        pos = tl.load(pos_ptr + s)
+        cos = tl.load(cos_ptr + pos * D + d[None, :])
+        sin = tl.load(sin_ptr + pos * D + d[None, :])
+        q = _rope_rows(qkv_row, head, gmask, cos, sin, part_stride, D, PARTS, DTYPE)
+        if (start < end) & (end == ctx):  # this split holds the newest key (position ctx - 1): store it first
+            slot = tl.load(slot_ptr + s)
+            if slot >= 0:
+                kvh1 = kvh + tl.zeros([1], tl.int32)
+                one = kvh1 == kvh
+                k = _rope_rows(qkv_row + H * D, kvh1, one, cos, sin, part_stride, D, PARTS, DTYPE)
+                v = load_input(qkv_row + (H + KVH) * D, kvh1[:, None] * D + d[None, :], one[:, None], PARTS,
+                               part_stride, DTYPE)
+                store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, kvh1,
+                           one[:, None], KVH, BS, D, ELEM_BYTES)
+            # the loop below reads that key back from the cache: a CTA barrier orders the program's global
+            # stores before its loads
+            tl.debug_barrier()
+    else:
+        q = tl.load(q_ptr + (s * H + head)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
     m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P2], tl.float32)
     acc = tl.zeros([GROUP_P2, D], tl.float32)
@@ -272,6 +319,9 @@ def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if num_splits == 1:
         tl.store(out_ptr + (s * H + head)[:, None] * D + d[None, :], o.to(DTYPE), mask=gmask[:, None])
+        if ROPE:  # the only reader of its heads' accumulated sums: zero them (with splits, the merge does)
+            kvh1 = kvh + tl.zeros([1], tl.int32)
+            _zero_qkv_heads(q_ptr + s * stride_q, part_stride, head, gmask, kvh1, kvh1 == kvh, H, KVH, D, PARTS)
     else:
         row = (s * H + head) * num_splits + split
         tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=gmask[:, None])
@@ -280,12 +330,18 @@ def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr
 
 
 @triton.jit
-def _decode_reduce_kernel(out_ptr, part_o_ptr, part_lse_ptr, num_splits, H: tl.constexpr, D: tl.constexpr,
-                          SPLITS_P2: tl.constexpr, DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
+def _decode_reduce_kernel(out_ptr, part_o_ptr, part_lse_ptr, num_splits, qkv_ptr, stride_qkv, part_stride,
+                          H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr,
+                          DTYPE: tl.constexpr, PARTS: tl.constexpr, USE_PDL: tl.constexpr):
+    # PARTS > 0: the decode programs read the accumulated sums of a fused-RoPE projection (rope_store_decode);
+    # all of them have completed, so each merge program zeroes its query head (and KV head h < KVH)
     pdl_wait(USE_PDL)
     pdl_trigger(USE_PDL)
     s = tl.program_id(0)
     h = tl.program_id(1)
+    if PARTS > 0:
+        h1 = h + tl.zeros([1], tl.int32)
+        _zero_qkv_heads(qkv_ptr + s * stride_qkv, part_stride, h1, h1 == h, h1, h1 < KVH, H, KVH, D, PARTS)
     j = tl.arange(0, SPLITS_P2)
     jmask = j < num_splits
     row = (s * H + h) * num_splits + j
@@ -333,17 +389,53 @@ def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: P
     """Flash-decoding over the paged cache for batches of one query row per sequence (``q``: ``[S, heads,
     head_dim]``, row ``s`` belongs to sequence ``s``); ``meta.num_splits`` context splits; ``tuning``: launch
     parameters (default :func:`decode_tuning` of the query group).  Returns ``[S, heads * head_dim]``."""
-    tuning = tuning or decode_tuning(q.shape[1] // addr.num_kv_heads)
+    t, heads, _ = _check(q, addr, meta)
+    return _decode(q, t, heads, q.dtype, addr, layer, meta, scale, tuning, None)
+
+
+def rope_store_decode(qkv: "torch.Tensor | Accumulated", num_heads: int, positions: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, addr: KVAddress, layer: int, slot_mapping: torch.Tensor,
+                      meta: PagedAttentionMetadata, scale: float, tuning: DecodeTuning | None = None) -> torch.Tensor:
+    """:func:`morphserve.kernels.kv_store.rope_and_store` followed by :func:`paged_attention_decode`, in the decode
+    kernel's launch: from the fused projection ``qkv`` (``[S, (heads + 2 * kv_heads) * head_dim]``, rows
+    contiguous, or its accumulated sums, :mod:`morphserve.kernels.split_accum`), every program rotates its queries
+    itself, and the program whose split holds a sequence's newest key (position ``context_lens[s] - 1``) rotates
+    that key and stores it with its value at ``slot_mapping[s]`` (negative: skipped) before reading it back with
+    the rest.  Same bits as the two kernels; one launch fewer per layer.  Accumulated sums are zeroed by the merge
+    kernel (every decode program has completed by then), or by the one program of a (sequence, KV head) with a
+    single split.  Returns ``[S, heads * head_dim]``."""
+    t = qkv.shape[0]
+    d, kvh = addr.head_dim, addr.num_kv_heads
+    if (len(qkv.shape) != 2 or num_heads % kvh or qkv.shape[1] != (num_heads + 2 * kvh) * d
+            or (isinstance(qkv, torch.Tensor) and qkv.stride(1) != 1)):
+        raise ValueError(f"rope_store_decode: qkv {tuple(qkv.shape)} must be [S, {(num_heads + 2 * kvh) * d}] with "
+                         f"contiguous rows, and {num_heads} heads a multiple of {kvh} KV heads")
+    if positions.shape != (t,) or cos.shape[-1] != d or sin.shape != cos.shape or cos.dtype != qkv.dtype:
+        raise ValueError(f"rope_store_decode: positions {tuple(positions.shape)} (expected ({t},)) or cos/sin "
+                         f"{tuple(cos.shape)} {cos.dtype} (expected [max_position, {d}] {qkv.dtype}) do not match")
+    check_slots(slot_mapping, t)
+    src, stride, parts, part_stride = input_args(qkv)
+    return _decode(src, t, num_heads, qkv.dtype, addr, layer, meta, scale, tuning,
+                   (stride, part_stride, parts, positions, cos, sin, slot_mapping))
+
+
+def _decode(src: torch.Tensor, t: int, heads: int, dtype: torch.dtype, addr: KVAddress, layer: int,
+            meta: PagedAttentionMetadata, scale: float, tuning: DecodeTuning | None,
+            rope: tuple | None) -> torch.Tensor:
+    """The decode launch of :func:`paged_attention_decode` (``rope`` None: ``src`` is the rotated queries) and of
+    :func:`rope_store_decode` (``rope``: the projection row stride, part stride and parts, positions, cos, sin and
+    slots; ``src`` is the projection or its accumulator)."""
+    tuning = tuning or decode_tuning(heads // addr.num_kv_heads)
     if tuning.block_n < 16 or tuning.block_n & (tuning.block_n - 1):
         raise ValueError(f"decode block_n must be a power of two >= 16, got {tuning.block_n}")
-    t, heads, d = _check(q, addr, meta)
     if t != meta.num_seqs or not meta.is_decode:
         raise ValueError(f"decode attention needs one query row per sequence: {t} rows for {meta.num_seqs} "
                          f"sequences (max query length {meta.max_query_len})")
     splits = meta.num_splits
     if not 1 <= splits <= MAX_DECODE_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_DECODE_SPLITS}], got {splits}")
-    out = torch.empty((t, heads * d), dtype=q.dtype, device=q.device)
+    d = addr.head_dim
+    out = torch.empty((t, heads * d), dtype=dtype, device=src.device)
     if not t:
         return out
     kvh = addr.num_kv_heads
@@ -351,22 +443,23 @@ def paged_attention_decode(q: torch.Tensor, addr: KVAddress, layer: int, meta: P
     # query rows per program: MHA's one row on the CUDA cores, or the group padded to 16 rows for the tensor cores
     group_rows = 1 if group == 1 and not tuning.mha_dot else max(16, triton.next_power_of_2(group))
     if splits > 1:
-        part_o = torch.empty((t, heads, splits, d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((t, heads, splits), dtype=torch.float32, device=q.device)
+        part_o = torch.empty((t, heads, splits, d), dtype=torch.float32, device=src.device)
+        part_lse = torch.empty((t, heads, splits), dtype=torch.float32, device=src.device)
     else:
         part_o = part_lse = out  # unused
-    opts = launch_options(q.device)
+    stride, part_stride, parts, positions, cos, sin, slots = rope or (0, 0, 0, out, out, out, out)  # unused
+    opts = launch_options(src.device)
     _decode_kernel[(t, kvh, splits)](
-        q, out, part_o, part_lse, meta.context_lens, meta.block_tables, meta.block_tables.stride(0), addr.base,
-        addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, scale * LOG2E, splits, H=heads,
-        KVH=kvh, ELEM_BYTES=addr.elem_bytes,
+        src, out, part_o, part_lse, meta.context_lens, meta.block_tables, meta.block_tables.stride(0), addr.base,
+        addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, scale * LOG2E, splits, stride,
+        part_stride, positions, cos, sin, slots, H=heads, KVH=kvh, ELEM_BYTES=addr.elem_bytes,
         GROUP=group, GROUP_P2=group_rows, D=d, BS=addr.block_size,
-        BLOCK_N=tuning.block_n, PREFETCH=tuning.prefetch, DTYPE=addr.dtype, DOT_PREC=dot_precision(q.dtype),
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages, **opts)
+        BLOCK_N=tuning.block_n, PREFETCH=tuning.prefetch, DTYPE=addr.dtype, DOT_PREC=dot_precision(dtype),
+        ROPE=rope is not None, PARTS=parts, num_warps=tuning.num_warps, num_stages=tuning.num_stages, **opts)
     if splits > 1:
-        _decode_reduce_kernel[(t, heads)](out, part_o, part_lse, splits, H=heads, D=d,
-                                          SPLITS_P2=triton.next_power_of_2(MAX_DECODE_SPLITS),
-                                          DTYPE=addr.dtype, num_warps=4, **opts)
+        _decode_reduce_kernel[(t, heads)](out, part_o, part_lse, splits, src, stride, part_stride, H=heads, KVH=kvh,
+                                          D=d, SPLITS_P2=triton.next_power_of_2(MAX_DECODE_SPLITS),
+                                          DTYPE=addr.dtype, PARTS=parts, num_warps=4, **opts)
     return out
 
 

@@ -94,7 +94,7 @@ class KVAddress:
 
 
 @triton.jit
-def _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, heads, hmask,
+def store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, heads, hmask,
                 KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, ELEM_BYTES: tl.constexpr):
     """Store one token's ``k``/``v`` (``[len(heads), D]``: KV heads ``heads``, padding rows masked by ``hmask``) at
     global slot ``slot`` of ``layer``."""
@@ -121,8 +121,8 @@ def _store_kv_kernel(k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, s
         hmask = h < KVH
         k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=hmask, other=0.0)
         v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=hmask, other=0.0)
-        _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, tl.arange(0, KVH_P2),
-                    hmask, KVH, BS, D, ELEM_BYTES)
+        store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, tl.arange(0, KVH_P2),
+                   hmask, KVH, BS, D, ELEM_BYTES)
 
 
 @triton.jit
@@ -160,15 +160,15 @@ def _rope_store_kernel(qkv_ptr, stride_t, part_stride, q_out_ptr, pos_ptr, cos_p
         kp = load_input(krow, h * D + dp, hmask, PARTS, part_stride, DTYPE)
         v = load_input(krow, KVH * D + h * D + d, hmask, PARTS, part_stride, DTYPE)
         k = rope_rotate(k, kp, cos, sin, d, D // 2)
-        _store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, j * KH + ik, hmask,
-                    KVH, BS, D, ELEM_BYTES)
+        store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, j * KH + ik, hmask,
+                   KVH, BS, D, ELEM_BYTES)
     # zero the accumulated row (split_accum; after a barrier: threads read their partners' elements)
     zero_input(row, hq * D + d, qmask, PARTS, part_stride)
     zero_input(krow, h * D + d, hmask, PARTS, part_stride)
     zero_input(krow, KVH * D + h * D + d, hmask, PARTS, part_stride)
 
 
-def _check_slots(slot_mapping: torch.Tensor, t: int) -> None:
+def check_slots(slot_mapping: torch.Tensor, t: int) -> None:
     if slot_mapping.shape != (t,) or slot_mapping.dtype != torch.int64:
         raise ValueError(f"slot_mapping must be int64 of shape ({t},), got {slot_mapping.dtype} "
                          f"{tuple(slot_mapping.shape)}")
@@ -182,7 +182,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, addr: KVAddress, layer: int, slot
             or v.stride(-1) != 1:
         raise ValueError(f"store_kv: k {tuple(k.shape)} / v {tuple(v.shape)} must be [T, {addr.num_kv_heads}, "
                          f"{addr.head_dim}] with a contiguous last dim")
-    _check_slots(slot_mapping, t)
+    check_slots(slot_mapping, t)
     if t:
         _store_kv_kernel[(t,)](k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), slot_mapping, addr.base,
                                addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer,
@@ -205,7 +205,7 @@ def rope_and_store(qkv: "torch.Tensor | Accumulated", num_heads: int, positions:
                          f"with contiguous rows")
     if positions.shape != (t,):
         raise ValueError(f"rope_and_store: positions has shape {tuple(positions.shape)}, expected ({t},)")
-    _check_slots(slot_mapping, t)
+    check_slots(slot_mapping, t)
     q = torch.empty((t, num_heads, d), dtype=qkv.dtype, device=qkv.device)
     if t:
         xp, stride_x, parts, part_stride = input_args(qkv)

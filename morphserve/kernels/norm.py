@@ -19,6 +19,9 @@ from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.split_accum import Accumulated, input_args, load_input, zero_input
 from morphserve.kernels.triton_support import launch_options, tl_dtype
 
+# Warps of a norm program (one row); None: one warp per 512 elements of the row, 1 to 16
+NUM_WARPS: int | None = None
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n, stride_x, stride_r, stride_o, eps, part_stride,
@@ -59,7 +62,7 @@ def _launch(x: "torch.Tensor | Accumulated", residual: torch.Tensor | None, weig
         res = residual if residual is not None else out  # not read without a residual
         _rms_norm_kernel[(t,)](xp, res, weight, out, n, stride_x, res.stride(0), out.stride(0), eps, part_stride,
                                HAS_RESIDUAL=residual is not None, BLOCK=block, PARTS=parts, DTYPE=tl_dtype(x.dtype),
-                               num_warps=max(1, min(16, block // 512)), **launch_options(x.device))
+                               num_warps=NUM_WARPS or max(1, min(16, block // 512)), **launch_options(x.device))
     return out
 
 

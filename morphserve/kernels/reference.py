@@ -62,3 +62,17 @@ def paged_attention(q: torch.Tensor, pool: KVPool, layer: int, query_start: list
         o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
         out[q0:q1] = o.transpose(0, 1).reshape(n, num_heads * head_dim)
     return out
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The index of the first maximum of each row (int64 ``[S]``), as transformers' greedy search picks it."""
+    return logits.argmax(dim=-1)
+
+
+def feed_tokens(tokens: torch.Tensor, feed: torch.Tensor) -> None:
+    """Replace the placeholders in a step's device input ``tokens`` in place: ``-(1 + r)`` stands for row ``r`` of
+    ``feed``, the tokens the step in flight samples (asynchronous steps; stream order makes them ready).  Device
+    operations only: nothing waits for the device."""
+    hole = tokens < 0
+    rows = (-tokens - 1).clamp_(0, feed.shape[0] - 1)
+    tokens.copy_(torch.where(hole, feed.index_select(0, rows), tokens))

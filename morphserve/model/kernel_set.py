@@ -8,11 +8,15 @@ operation              :class:`ReferenceKernels` (CPU path, truth)  :class:`Trit
 =====================  ===========================================  ==============================================
 RMSNorm (+ residual)   ``reference.rms_norm`` / ``add_rms_norm``    :mod:`morphserve.kernels.norm` (in place)
 RoPE + KV store        ``reference.rotary`` + ``KVPool.store``      :func:`morphserve.kernels.kv_store.rope_and_store`
-paged attention        ``reference.paged_attention`` (per seq)      :mod:`morphserve.kernels.attention`
+paged attention        ``reference.paged_attention`` (per seq)      :mod:`morphserve.kernels.attention` (decode steps:
+                                                                    RoPE + KV store in the same launch,
+                                                                    :func:`.attention.rope_store_decode`)
 SiLU-and-mul           ``reference.silu_and_mul``                   :mod:`morphserve.kernels.activation`
 projections            ``linear()`` -> ``F.linear``                 ``linear()`` -> Triton GEMV at small M (fp16/bf16);
                                                                     batch-1 split-K sums accumulated for the consumer
 LM head                ``F.linear``                                 Triton GEMV at small M, else ``F.linear``
+greedy argmax          ``reference.greedy`` (``torch.argmax``)      :mod:`morphserve.kernels.argmax`
+token feed (async)     ``reference.feed_tokens``                    :mod:`morphserve.kernels.token_feed`
 =====================  ===========================================  ==============================================
 
 Projections always go through :func:`morphserve.model.linear.linear` (the precision dispatch); the Triton set
@@ -85,6 +89,11 @@ class KernelSet(ABC):
     def attention(self, q: torch.Tensor, state: Any, pool: KVPool, layer: int) -> torch.Tensor:
         """Causal paged attention of ``q`` against the cache; returns ``[T, heads * head_dim]``."""
 
+    def rope_store_attention(self, qkv: Any, state: Any, pool: KVPool, layer: int) -> torch.Tensor:
+        """:meth:`rope_and_store` then :meth:`attention`: ``qkv`` (a :meth:`projection` result) in, the attention
+        output ``[T, heads * head_dim]`` out.  A set may fuse the two (the Triton set, in decode steps)."""
+        return self.attention(self.rope_and_store(qkv, state, pool, layer), state, pool, layer)
+
     @abstractmethod
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
 
@@ -104,6 +113,15 @@ class KernelSet(ABC):
     @abstractmethod
     def lm_head(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """float32 logits ``h @ weight.T``."""
+
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """The argmax of each row of ``logits`` (int64 ``[S]``; the first maximum, as ``torch.argmax``)."""
+        return ref.greedy(logits)
+
+    def feed_tokens(self, tokens: torch.Tensor, feed: torch.Tensor) -> None:
+        """Replace the placeholders ``-(1 + r)`` of a step's device input ``tokens`` by ``feed[r]`` (asynchronous
+        steps: the tokens of the step in flight), in place, without waiting for the device."""
+        ref.feed_tokens(tokens, feed)
 
 
 @dataclass
@@ -183,10 +201,11 @@ class TritonKernels(KernelSet):
             raise ValueError(f"Triton kernels cannot run on device {str(device)!r}: {hint}")
         # Imported here: the kernel modules decorate @triton.jit functions, which must happen after the
         # interpreter switch on CPU, and the CPU reference path never needs Triton.
-        from morphserve.kernels import activation, attention, gemv, kv_store, norm, split_accum
+        from morphserve.kernels import activation, argmax, attention, gemv, kv_store, norm, split_accum, token_feed
 
         self._activation, self._attention, self._gemv = activation, attention, gemv
         self._kv_store, self._norm, self._split_accum = kv_store, norm, split_accum
+        self._argmax, self._token_feed = argmax, token_feed
         self.device = device
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 4)
@@ -250,6 +269,13 @@ class TritonKernels(KernelSet):
     def attention(self, q, state: _TritonState, pool, layer):
         return self._attention.paged_attention(q, state.addr, layer, state.meta, state.scale)
 
+    def rope_store_attention(self, qkv, state: _TritonState, pool, layer):
+        b, meta = state.batch, state.meta
+        if meta.is_decode and self._attention.FUSE_ROPE_DECODE:  # one launch (rope_store_decode)
+            return self._attention.rope_store_decode(qkv, state.num_heads, b.positions, state.cos, state.sin,
+                                                     state.addr, layer, b.slot_mapping, meta, state.scale)
+        return super().rope_store_attention(qkv, state, pool, layer)
+
     def silu_and_mul(self, gate_up):
         return self._activation.silu_and_mul(gate_up)
 
@@ -267,6 +293,12 @@ class TritonKernels(KernelSet):
     def lm_head(self, h, weight):
         # accumulated sums are rounded to h's dtype and widened in one kernel; a tensor is widened as it is
         return self._split_accum.finish(self._gemv.matmul(h, weight, accumulate=True), dtype=torch.float32)
+
+    def greedy(self, logits):
+        return self._argmax.greedy(logits)
+
+    def feed_tokens(self, tokens, feed):
+        self._token_feed.feed_tokens(tokens, feed)
 
 
 KERNEL_SETS = ("reference", "triton")

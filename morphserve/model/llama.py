@@ -164,8 +164,7 @@ class LlamaModel:
         else:
             h, residual = ks.add_rms_norm(x, residual, lw["input_norm"], eps)
         # ks.projection: results only ks's kernels read (the Triton set may hand them over as accumulated sums)
-        q = ks.rope_and_store(ks.projection(h, lw, "qkv"), state, pool, lw.index)
-        x = ks.projection(ks.attention(q, state, pool, lw.index), lw, "o")
+        x = ks.projection(ks.rope_store_attention(ks.projection(h, lw, "qkv"), state, pool, lw.index), lw, "o")
         h, residual = ks.add_rms_norm(x, residual, lw["post_norm"], eps)
         act = ks.silu_and_mul(ks.projection(h, lw, "gate_up"))
         # with ``out`` the next layer (a separate graph) reads a plain tensor there; without, its add_rms_norm
