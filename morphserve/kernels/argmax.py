@@ -19,11 +19,13 @@ import triton.language as tl
 from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.triton_support import launch_options
 
-BLOCK = 2048  # elements per loop iteration of a row's program
-NUM_WARPS = 8
+# Elements per loop iteration of a row's program, and its warps (H200, kernel alone: 11.9 us for a 32k
+# row, 36.6 us for a 128k row, against 14.9 and 41.0 us for torch.argmax; argmax_sweep_h200.json)
+BLOCK = 4096
+NUM_WARPS = 16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride"])  # a row stride per logits view
 def _argmax_kernel(x_ptr, out_ptr, n, stride, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     pdl_trigger(USE_PDL)

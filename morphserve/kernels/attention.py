@@ -46,7 +46,8 @@ from morphserve.kernels.triton_support import dot_precision, launch_options
 PREFILL_BLOCK_M = 64  # query rows per prefill tile (the host's tile map uses it)
 PREFILL_BLOCK_N = 64
 MAX_DECODE_SPLITS = 16
-# Decode steps of the Triton kernel set run RoPE + KV store inside the decode kernel's launch (rope_store_decode)
+# Decode steps of the Triton kernel set that split the context run RoPE + KV store inside the decode kernel's launch
+# (rope_store_decode; TritonKernels.rope_store_attention says when)
 FUSE_ROPE_DECODE = True
 LOG2E = 1.4426950408889634
 

@@ -19,7 +19,9 @@ from morphserve.kernels.triton_support import launch_options
 BLOCK = 1024
 
 
-@triton.jit
+# The row counts change step by step and the token views start anywhere in the step's upload: neither is
+# specialized, so no step compiles a new variant while serving (a first version did, three times in one run).
+@triton.jit(do_not_specialize=["n", "n_feed"], do_not_specialize_on_alignment=["tok_ptr", "feed_ptr"])
 def _feed_kernel(tok_ptr, feed_ptr, n, n_feed, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     pdl_trigger(USE_PDL)
