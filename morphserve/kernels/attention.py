@@ -26,6 +26,11 @@ writes the output; otherwise each program writes its normalised partial output a
 :func:`_decode_reduce_kernel` merges them.  ``num_splits`` depends only on the batch shape (never on the context
 lengths), so one CUDA graph per batch size serves every context; a split past the end of a short context writes an
 empty partial (log-sum-exp ``-inf``).  A sequence with ``context_lens = 0`` (a padding row) yields zeros.
+
+**RoPE + KV store in the decode launch** (:func:`rope_store_decode`).  Given the QKV projection instead of rotated
+queries, each decode program rotates its queries itself, and the program whose split holds the newest key
+rotates and stores it before its loop reads it back: one launch fewer per layer than
+:func:`~morphserve.kernels.kv_store.rope_and_store` followed by the decode kernel, with the same bits.
 """
 
 from __future__ import annotations
@@ -37,10 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from morphserve.kernels.kv_store import KVAddress, store_rows, check_slots, kv_row_ptrs
+from morphserve.kernels.kv_store import KVAddress, check_slots, kv_row_ptrs, store_rows
+from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.rotary import rope_rotate
 from morphserve.kernels.split_accum import Accumulated, input_args, load_input, zero_input
-from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.triton_support import dot_precision, launch_options
 
 PREFILL_BLOCK_M = 64  # query rows per prefill tile (the host's tile map uses it)

@@ -95,7 +95,7 @@ class KVAddress:
 
 @triton.jit
 def store_rows(kv_ptr, seg_base_ptr, shift, block_stride, base_addr, slot, layer, k, v, heads, hmask,
-                KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, ELEM_BYTES: tl.constexpr):
+               KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, ELEM_BYTES: tl.constexpr):
     """Store one token's ``k``/``v`` (``[len(heads), D]``: KV heads ``heads``, padding rows masked by ``hmask``) at
     global slot ``slot`` of ``layer``."""
     block = slot // BS

@@ -3,8 +3,8 @@
 Reference: :func:`morphserve.kernels.reference.feed_tokens`.  With asynchronous steps the engine launches step
 ``n + 1`` before step ``n``'s sampled tokens reach the host: the host writes a placeholder ``-(1 + r)`` where
 step ``n + 1`` needs row ``r`` of step ``n``'s tokens, and this kernel replaces the placeholders on the device.
-The reference is five elementwise and indexing kernels without programmatic dependent launch (about 20 us of a
-batch-1 step on an H200: BENCHMARKS.md, fast path, thirteenth campaign); this is one launch.
+The reference is five elementwise and indexing kernels (about 12 us on the critical path of a batch-1 step on an
+H200: BENCHMARKS.md, fast path, thirteenth campaign); this is one launch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ from morphserve.kernels.pdl import pdl_trigger, pdl_wait
 from morphserve.kernels.triton_support import launch_options
 
 BLOCK = 1024
+# Launched without programmatic dependent launch: with it, H200 decode steps at batch 32 took 0.35 ms (5%) longer
+# (alternated in one engine; batch 1 was not slower, nor were batches 8 and 64 in a full run).  The feed runs just
+# before the graph launch; the mechanism is not established.  Without it the batch-1 gain stays (BENCHMARKS.md,
+# fast path, thirteenth campaign).
+PDL = False
 
 
 # The row counts change step by step and the token views start anywhere in the step's upload: neither is
@@ -46,5 +51,5 @@ def feed_tokens(tokens: torch.Tensor, feed: torch.Tensor) -> None:
         raise ValueError("feed_tokens: the feed is empty (no step in flight to read placeholders from)")
     n = tokens.shape[0]
     if n:
-        _feed_kernel[(triton.cdiv(n, BLOCK),)](tokens, feed, n, feed.shape[0], BLOCK=BLOCK,
-                                               **launch_options(tokens.device))
+        opts = launch_options(tokens.device) if PDL else {"USE_PDL": False}
+        _feed_kernel[(triton.cdiv(n, BLOCK),)](tokens, feed, n, feed.shape[0], BLOCK=BLOCK, **opts)
