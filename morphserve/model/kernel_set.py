@@ -272,9 +272,9 @@ class TritonKernels(KernelSet):
     def rope_store_attention(self, qkv, state: _TritonState, pool, layer):
         b, meta = state.batch, state.meta
         # one launch (rope_store_decode) in decode steps that split the context (small batches): there it saves
-        # about 1% of a batch-1 step; with one split per sequence (batch 32 and up on an H200) every program would
-        # pay the rotation and the store before its loop, and a batch-32 step was 5% slower (BENCHMARKS.md, fast
-        # path, thirteenth campaign)
+        # about 1% of a batch-1 step (BENCHMARKS.md, fast path, thirteenth campaign).  With one split per sequence
+        # (batch 32 and up on an H200) every program would pay the rotation and the store before its loop; that
+        # case is not measured yet, so those steps keep the separate RoPE kernel
         if meta.is_decode and meta.num_splits > 1 and self._attention.FUSE_ROPE_DECODE:
             return self._attention.rope_store_decode(qkv, state.num_heads, b.positions, state.cos, state.sin,
                                                      state.addr, layer, b.slot_mapping, meta, state.scale)
