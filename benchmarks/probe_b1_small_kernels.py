@@ -2,7 +2,7 @@
 """Launch settings of the small kernels on a batch-1 decode step's critical path, alternated in one engine (GPU).
 
 The critical-path probe (``probe_critical_path.py``) charges a Llama-2-7B batch-1 step about 7 us per layer to
-decode attention and 2.7 us to its merge, for 8.6 MB of K/V (2 us at the copy rate), and 3.4 us to each
+decode attention and 2.7 us to its merge, for 8.6 MB of K/V (2 us at the copy rate), and 3.2-3.7 us to each
 add-RMSNorm.  The decode kernel's tuning was chosen by the geometric mean over batches 1-128 with the kernel timed
 alone; this probe times settings *inside* graph-captured batch-1 steps (context 512,
 :func:`bench_fastpath.alternate_b1`).  A setting is ``base`` (as shipped) or modifiers joined with ``+``, applied
@@ -12,7 +12,13 @@ to the decode tuning of both MHA and GQA unless noted:
 * ``ppsm<N>``: programs per multiprocessor the split count aims at; ``maxsplits<N>``: the split cap
   (:data:`~morphserve.kernels.attention.MAX_DECODE_SPLITS`);
 * ``nodot``: MHA's query row on the CUDA cores instead of padded onto the tensor cores; ``noprefetch``;
-* ``normwarps<N>``: warps of the add-RMSNorm program (:data:`morphserve.kernels.norm.NUM_WARPS`).
+* ``normwarps<N>``: warps of the add-RMSNorm program (:data:`morphserve.kernels.norm.NUM_WARPS`);
+* ``normearly``: the norm's weight and residual loaded before its programmatic-launch wait
+  (:data:`morphserve.kernels.norm.EARLY_LOADS`, shipped off until measured).
+
+The runs of 2026-12-03 (BENCHMARKS.md, fast path, thirteenth campaign) used ``--settings
+base,bn64+st2,bn16,ppsm2,ppsm16+maxsplits32,nodot,normwarps4,normwarps16`` and ``--settings
+base,maxsplits1,maxsplits2,maxsplits4,ppsm2,maxsplits4+bn64+st2``; ``normearly`` was added afterwards and has not run.
 
     MORPHSERVE_DATA_MIRROR=... PYTHONPATH=. python3 benchmarks/probe_b1_small_kernels.py --out small_kernels.json
 """
@@ -33,17 +39,17 @@ import benchmarks.bench_fastpath as B  # noqa: E402
 from morphserve.kernels import attention as A  # noqa: E402
 from morphserve.kernels import norm  # noqa: E402
 
-SHIPPED = (A.DECODE_TUNING, A.DECODE_TUNING_GQA, A.MAX_DECODE_SPLITS, norm.NUM_WARPS)
+SHIPPED = (A.DECODE_TUNING, A.DECODE_TUNING_GQA, A.MAX_DECODE_SPLITS, norm.NUM_WARPS, norm.EARLY_LOADS)
 FIELDS = {"bn": "block_n", "st": "num_stages", "w": "num_warps", "ppsm": "programs_per_sm"}
 
 
 def restore() -> None:
-    A.DECODE_TUNING, A.DECODE_TUNING_GQA, A.MAX_DECODE_SPLITS, norm.NUM_WARPS = SHIPPED
+    A.DECODE_TUNING, A.DECODE_TUNING_GQA, A.MAX_DECODE_SPLITS, norm.NUM_WARPS, norm.EARLY_LOADS = SHIPPED
 
 
 def parse_setting(name: str):
     """The function that applies setting ``name`` (module docstring) on top of the shipped state."""
-    changes, splits, warps = {}, None, None
+    changes, splits, warps, early = {}, None, None, False
     for mod in ([] if name == "base" else name.split("+")):
         m = re.fullmatch(r"(bn|st|w|ppsm|maxsplits|normwarps)(\d+)", mod)
         if m and m.group(1) in FIELDS:
@@ -56,6 +62,8 @@ def parse_setting(name: str):
             changes["mha_dot"] = False
         elif mod == "noprefetch":
             changes["prefetch"] = False
+        elif mod == "normearly":
+            early = True
         else:
             raise ValueError(f"setting {name!r}: unknown modifier {mod!r}")
 
@@ -66,13 +74,14 @@ def parse_setting(name: str):
         if splits is not None:
             A.MAX_DECODE_SPLITS = splits
         norm.NUM_WARPS = warps
+        norm.EARLY_LOADS = early
     return apply
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="llama2-7b")
-    ap.add_argument("--settings", default="base,bn64+st2,bn16,ppsm4,ppsm16+maxsplits32,nodot,normwarps4,normwarps16")
+    ap.add_argument("--settings", default="base,normearly")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", type=Path, required=True)

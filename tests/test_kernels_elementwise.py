@@ -60,6 +60,31 @@ def test_rms_norm_and_fused_residual(dtype):
     assert _ulps(rms_norm(wide[:, :96], w, 1e-5), ref.rms_norm(wide[:, :96], w, 1e-5), dtype) <= 4
 
 
+@pytest.mark.parametrize("accumulated", [False, True])
+def test_rms_norm_early_loads_give_the_same_bits(accumulated, monkeypatch):
+    """norm.EARLY_LOADS (the weight and the residual loaded before the programmatic-launch wait) changes only when
+    they are loaded: the same bits for the norm, the residual add and accumulated input (zeroed afterwards), with
+    and without a residual."""
+    from morphserve.kernels import norm
+    from morphserve.kernels.split_accum import Accumulated
+
+    dtype = torch.float16
+    w, res = _rand(96, dtype=dtype), _rand(3, 96, dtype=dtype)
+    acc = torch.randn(2, 3, 96, device=DEV)
+    out = {}
+    for early in (False, True):
+        monkeypatch.setattr(norm, "EARLY_LOADS", early)
+        a = acc.clone()
+        x = Accumulated(a, dtype) if accumulated else (acc[0] + acc[1]).to(dtype)
+        r = res.clone()
+        h, _ = add_rms_norm(x, r, w, 1e-5)
+        x2 = Accumulated(acc.clone(), dtype) if accumulated else (acc[0] + acc[1]).to(dtype)
+        out[early] = (h, r, rms_norm(x2, w, 1e-5))
+        if accumulated:
+            assert torch.count_nonzero(a).item() == 0 and torch.count_nonzero(x2.acc).item() == 0
+    assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rotary(dtype):
     x = _rand(6, 3, 64, dtype=dtype)

@@ -21,26 +21,41 @@ from morphserve.kernels.triton_support import launch_options, tl_dtype
 
 # Warps of a norm program (one row); None: one warp per 512 elements of the row, 1 to 16
 NUM_WARPS: int | None = None
+# Load the norm weight and the residual before the programmatic-launch wait, so they arrive while the kernel in
+# front (a GEMV) finishes, and the wait is followed by one memory round trip (the input) instead of three (the
+# input; the residual, issued after the barrier that zeroes accumulated input; the weight, issued after the
+# row's reduction).  Safe: neither is written by the kernel just before.  The residual is last written by the
+# add-RMSNorm of the previous half-layer, at least three launches back, and every kernel of this package
+# triggers its dependents only after its own wait, so work two launches back has completed when a program
+# starts.  Norm weights change only through copies (layer swaps), which are not programmatic launches and
+# serialize fully.  Off until measured on a GPU (benchmarks/probe_b1_small_kernels.py, setting "normearly").
+EARLY_LOADS = False
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n, stride_x, stride_r, stride_o, eps, part_stride,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr, DTYPE: tl.constexpr,
-                     USE_PDL: tl.constexpr):
-    pdl_wait(USE_PDL)
-    pdl_trigger(USE_PDL)
+                     EARLY: tl.constexpr, USE_PDL: tl.constexpr):
     t = tl.program_id(0)
     c = tl.arange(0, BLOCK)
     m = c < n
+    if EARLY:  # the weight and the residual before the wait (EARLY_LOADS)
+        w = tl.load(w_ptr + c, mask=m, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + t * stride_r + c, mask=m, other=0.0)
+    pdl_wait(USE_PDL)
+    pdl_trigger(USE_PDL)
     x = load_input(x_ptr + t * stride_x, c, m, PARTS, part_stride, DTYPE)
     zero_input(x_ptr + t * stride_x, c, m, PARTS, part_stride)
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + t * stride_r + c, mask=m, other=0.0)
+        if not EARLY:
+            r = tl.load(res_ptr + t * stride_r + c, mask=m, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(res_ptr + t * stride_r + c, x, mask=m)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
-    w = tl.load(w_ptr + c, mask=m, other=0.0)
+    if not EARLY:
+        w = tl.load(w_ptr + c, mask=m, other=0.0)
     y = (xf * rstd).to(x.dtype)
     tl.store(out_ptr + t * stride_o + c, (y.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=m)
 
@@ -62,7 +77,7 @@ def _launch(x: "torch.Tensor | Accumulated", residual: torch.Tensor | None, weig
         res = residual if residual is not None else out  # not read without a residual
         _rms_norm_kernel[(t,)](xp, res, weight, out, n, stride_x, res.stride(0), out.stride(0), eps, part_stride,
                                HAS_RESIDUAL=residual is not None, BLOCK=block, PARTS=parts, DTYPE=tl_dtype(x.dtype),
-                               num_warps=NUM_WARPS or max(1, min(16, block // 512)), **launch_options(x.device))
+                               EARLY=EARLY_LOADS, num_warps=NUM_WARPS or max(1, min(16, block // 512)), **launch_options(x.device))
     return out
 
 
