@@ -38,10 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchmarks.bench_fastpath as B  # noqa: E402
+import benchmarks.probe_token_kernels as token_probe  # noqa: E402
 from morphserve.kernels import attention  # noqa: E402
 from morphserve.kernels import gemv as G  # noqa: E402
 from morphserve.kernels import split_accum  # noqa: E402
-from morphserve.model.kernel_set import KernelSet, TritonKernels  # noqa: E402
 
 READ_CONFIGS = [G.GemvConfig(1, 4, 1024, 4, 1, 2), G.GemvConfig(1, 4, 1024, 4, 1, 1),
                 G.GemvConfig(1, 8, 1024, 4, 1, 1), G.GemvConfig(1, 4, 2048, 8, 1, 1),
@@ -203,14 +203,12 @@ def gemv_chain(eng, device: torch.device, reps: int) -> dict[str, Any]:
 # (critical_path_h200.json, before the token kernels existed) had "fused" = rope-only and "unfused" = before
 SETTINGS = {"shipped": (True, True), "rope-only": (True, False), "tokens-only": (False, True),
             "before": (False, False)}
-_TOKEN_KERNELS = (TritonKernels.greedy, TritonKernels.feed_tokens)
 
 
 def apply(name: str) -> None:
     fuse, tokens = SETTINGS[name]
     attention.FUSE_ROPE_DECODE = fuse
-    TritonKernels.greedy, TritonKernels.feed_tokens = (_TOKEN_KERNELS if tokens else
-                                                       (KernelSet.greedy, KernelSet.feed_tokens))
+    token_probe.apply("tokens" if tokens else "before")  # the feed without PDL, as shipped
 
 
 def main(argv: list[str] | None = None) -> dict:

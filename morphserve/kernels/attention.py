@@ -36,6 +36,7 @@ rotates and stores it before its loop reads it back: one launch fewer per layer 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -422,15 +423,26 @@ def rope_store_decode(qkv: "torch.Tensor | Accumulated", num_heads: int, positio
     check_slots(slot_mapping, t)
     src, stride, parts, part_stride = input_args(qkv)
     return _decode(src, t, num_heads, qkv.dtype, addr, layer, meta, scale, tuning,
-                   (stride, part_stride, parts, positions, cos, sin, slot_mapping))
+                   _RopeInput(stride, part_stride, parts, positions, cos, sin, slot_mapping))
+
+
+class _RopeInput(NamedTuple):
+    """What the decode launch of :func:`rope_store_decode` reads besides the projection (``src``)."""
+
+    row_stride: int  # between the projection's rows (or its accumulator's)
+    part_stride: int  # between accumulated parts (split_accum.input_args)
+    parts: int  # 0: a plain tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slots: torch.Tensor
 
 
 def _decode(src: torch.Tensor, t: int, heads: int, dtype: torch.dtype, addr: KVAddress, layer: int,
             meta: PagedAttentionMetadata, scale: float, tuning: DecodeTuning | None,
-            rope: tuple | None) -> torch.Tensor:
+            rope: "_RopeInput | None") -> torch.Tensor:
     """The decode launch of :func:`paged_attention_decode` (``rope`` None: ``src`` is the rotated queries) and of
-    :func:`rope_store_decode` (``rope``: the projection row stride, part stride and parts, positions, cos, sin and
-    slots; ``src`` is the projection or its accumulator)."""
+    :func:`rope_store_decode` (``src`` is the projection or its accumulator)."""
     tuning = tuning or decode_tuning(heads // addr.num_kv_heads)
     if tuning.block_n < 16 or tuning.block_n & (tuning.block_n - 1):
         raise ValueError(f"decode block_n must be a power of two >= 16, got {tuning.block_n}")
@@ -453,19 +465,22 @@ def _decode(src: torch.Tensor, t: int, heads: int, dtype: torch.dtype, addr: KVA
         part_lse = torch.empty((t, heads, splits), dtype=torch.float32, device=src.device)
     else:
         part_o = part_lse = out  # unused
-    stride, part_stride, parts, positions, cos, sin, slots = rope or (0, 0, 0, out, out, out, out)  # unused
+    rope_args = rope or _RopeInput(0, 0, 0, out, out, out, out)  # unused without ROPE
     opts = launch_options(src.device)
     _decode_kernel[(t, kvh, splits)](
         src, out, part_o, part_lse, meta.context_lens, meta.block_tables, meta.block_tables.stride(0), addr.base,
-        addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, scale * LOG2E, splits, stride,
-        part_stride, positions, cos, sin, slots, H=heads, KVH=kvh, ELEM_BYTES=addr.elem_bytes,
+        addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, scale * LOG2E, splits,
+        rope_args.row_stride, rope_args.part_stride, rope_args.positions, rope_args.cos, rope_args.sin,
+        rope_args.slots, H=heads, KVH=kvh, ELEM_BYTES=addr.elem_bytes,
         GROUP=group, GROUP_P2=group_rows, D=d, BS=addr.block_size,
         BLOCK_N=tuning.block_n, PREFETCH=tuning.prefetch, DTYPE=addr.dtype, DOT_PREC=dot_precision(dtype),
-        ROPE=rope is not None, PARTS=parts, num_warps=tuning.num_warps, num_stages=tuning.num_stages, **opts)
+        ROPE=rope is not None, PARTS=rope_args.parts, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        **opts)
     if splits > 1:
-        _decode_reduce_kernel[(t, heads)](out, part_o, part_lse, splits, src, stride, part_stride, H=heads, KVH=kvh,
-                                          D=d, SPLITS_P2=triton.next_power_of_2(MAX_DECODE_SPLITS),
-                                          DTYPE=addr.dtype, PARTS=parts, num_warps=4, **opts)
+        _decode_reduce_kernel[(t, heads)](out, part_o, part_lse, splits, src, rope_args.row_stride,
+                                          rope_args.part_stride, H=heads, KVH=kvh, D=d,
+                                          SPLITS_P2=triton.next_power_of_2(MAX_DECODE_SPLITS), DTYPE=addr.dtype,
+                                          PARTS=rope_args.parts, num_warps=4, **opts)
     return out
 
 

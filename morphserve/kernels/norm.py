@@ -77,7 +77,8 @@ def _launch(x: "torch.Tensor | Accumulated", residual: torch.Tensor | None, weig
         res = residual if residual is not None else out  # not read without a residual
         _rms_norm_kernel[(t,)](xp, res, weight, out, n, stride_x, res.stride(0), out.stride(0), eps, part_stride,
                                HAS_RESIDUAL=residual is not None, BLOCK=block, PARTS=parts, DTYPE=tl_dtype(x.dtype),
-                               EARLY=EARLY_LOADS, num_warps=NUM_WARPS or max(1, min(16, block // 512)), **launch_options(x.device))
+                               EARLY=EARLY_LOADS, num_warps=NUM_WARPS or max(1, min(16, block // 512)),
+                               **launch_options(x.device))
     return out
 
 
