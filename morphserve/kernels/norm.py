@@ -28,8 +28,9 @@ NUM_WARPS: int | None = None
 # add-RMSNorm of the previous half-layer, at least three launches back, and every kernel of this package
 # triggers its dependents only after its own wait, so work two launches back has completed when a program
 # starts.  Norm weights change only through copies (layer swaps), which are not programmatic launches and
-# serialize fully.  Off until measured on a GPU (benchmarks/probe_b1_small_kernels.py, setting "normearly").
-EARLY_LOADS = False
+# serialize fully.  Measured inside graph-captured batch-1 Llama-2-7B steps on an H200 (2026-12-04, three rounds of
+# benchmarks/probe_b1_small_kernels.py): 3.61-3.62 ms against 3.64-3.65 ms with the loads after the wait.
+EARLY_LOADS = True
 
 
 @triton.jit
