@@ -15,13 +15,12 @@ to the decode tuning of both MHA and GQA unless noted:
 * ``normwarps<N>``: warps of the add-RMSNorm program (:data:`morphserve.kernels.norm.NUM_WARPS`);
 * ``normearly`` / ``normlate``: the norm's weight and residual loaded before / after its programmatic-launch wait
   (:data:`morphserve.kernels.norm.EARLY_LOADS`; shipped on since 2026-12-04);
-* ``sepmerge`` / ``lastmerge``: split decode launches merge in a second kernel / in the last program of each
-  (sequence, KV head) (:data:`morphserve.kernels.attention.MERGE_IN_DECODE`).
 
 The runs of 2026-12-03 (BENCHMARKS.md, fast path, thirteenth campaign) used ``--settings
 base,bn64+st2,bn16,ppsm2,ppsm16+maxsplits32,nodot,normwarps4,normwarps16`` and ``--settings
 base,maxsplits1,maxsplits2,maxsplits4,ppsm2,maxsplits4+bn64+st2``; those of 2026-12-04 ``--settings base,normearly``
-(early loads then off) and ``--settings base,sepmerge,normlate`` (the last-program merge then on).
+(early loads then off) and, at commit ``2d22782``, which had a switch for the decode merge in the last program
+(``sepmerge`` / ``lastmerge``, since removed), ``--settings base,sepmerge,normlate``.
 
     MORPHSERVE_DATA_MIRROR=... PYTHONPATH=. python3 benchmarks/probe_b1_small_kernels.py --out small_kernels.json
 """
@@ -42,14 +41,12 @@ import benchmarks.bench_fastpath as B  # noqa: E402
 from morphserve.kernels import attention as A  # noqa: E402
 from morphserve.kernels import norm  # noqa: E402
 
-SHIPPED = (A.DECODE_TUNING, A.DECODE_TUNING_GQA, A.MAX_DECODE_SPLITS, A.MERGE_IN_DECODE, norm.NUM_WARPS,
-           norm.EARLY_LOADS)
+SHIPPED = (A.DECODE_TUNING, A.DECODE_TUNING_GQA, A.MAX_DECODE_SPLITS, norm.NUM_WARPS, norm.EARLY_LOADS)
 FIELDS = {"bn": "block_n", "st": "num_stages", "w": "num_warps", "ppsm": "programs_per_sm"}
 
 
 def restore() -> None:
-    A.DECODE_TUNING, A.DECODE_TUNING_GQA, A.MAX_DECODE_SPLITS, A.MERGE_IN_DECODE, norm.NUM_WARPS, norm.EARLY_LOADS = \
-        SHIPPED
+    A.DECODE_TUNING, A.DECODE_TUNING_GQA, A.MAX_DECODE_SPLITS, norm.NUM_WARPS, norm.EARLY_LOADS = SHIPPED
 
 
 def parse_setting(name: str):
@@ -69,8 +66,6 @@ def parse_setting(name: str):
             changes["prefetch"] = False
         elif mod in ("normearly", "normlate"):
             switches[(norm, "EARLY_LOADS")] = mod == "normearly"
-        elif mod in ("sepmerge", "lastmerge"):
-            switches[(A, "MERGE_IN_DECODE")] = mod == "lastmerge"
         else:
             raise ValueError(f"setting {name!r}: unknown modifier {mod!r}")
 
@@ -89,7 +84,7 @@ def parse_setting(name: str):
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="llama2-7b")
-    ap.add_argument("--settings", default="base,lastmerge,normlate")
+    ap.add_argument("--settings", default="base,normlate")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", type=Path, required=True)

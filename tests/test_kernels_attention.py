@@ -19,7 +19,7 @@ from morphserve.kernels import reference as ref  # noqa: E402
 from morphserve.kernels.attention import (DecodeTuning, PagedAttentionMetadata, attention_flops,  # noqa: E402
                                           decode_splits, decode_tuning, paged_attention, paged_attention_decode,
                                           paged_attention_prefill, prefill_tile_map, rope_store_decode)
-from morphserve.kernels import attention, kv_store  # noqa: E402
+from morphserve.kernels import kv_store  # noqa: E402
 from morphserve.kernels.kv_store import KVAddress, rope_and_store, store_kv  # noqa: E402
 from morphserve.memory.kv_pool import KVPool  # noqa: E402
 from morphserve.model.config import ModelConfig  # noqa: E402
@@ -185,42 +185,15 @@ def test_decode_matches_reference_for_every_split(heads, kv_heads, head_dim, dty
         _close(got, want, dtype)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (8, 2, 128), (16, 2, 64)])
-def test_merge_in_the_last_program_gives_the_bits_of_the_merge_kernel(heads, kv_heads, head_dim, monkeypatch):
-    """Split decode launches merge in the last program of each (sequence, KV head) (MERGE_IN_DECODE): the same
-    output bits as the separate merge kernel, for split counts that leave empty splits and for a group of 8 (the
-    last program merges the group's heads one by one), and every arrival counter is back at zero afterwards, so
-    the next launch (or a graph replay) starts clean."""
-    pool, _, ids = _pool(heads, kv_heads, head_dim, torch.float16)
-    _randomize(pool)
-    ctx_lens = [1, 9, 70, 16, 33]
-    tables = _tables(ids, ctx_lens, seed=5)
-    qs = list(range(len(ctx_lens) + 1))
-    q = torch.randn(len(ctx_lens), heads, head_dim, device=DEV).to(torch.float16)
-    for splits in (5, 16):
-        meta = PagedAttentionMetadata.from_lists(qs, ctx_lens, tables, DEV, num_splits=splits)
-        monkeypatch.setattr(attention, "MERGE_IN_DECODE", False)
-        want = paged_attention_decode(q, KVAddress.of(pool), 1, meta, head_dim ** -0.5)
-        monkeypatch.setattr(attention, "MERGE_IN_DECODE", True)
-        for _ in range(2):  # twice: the second launch reuses the counters the first one left
-            assert torch.equal(paged_attention_decode(q, KVAddress.of(pool), 1, meta, head_dim ** -0.5), want), splits
-        counters = attention._arrival_counters(torch.device(DEV), len(ctx_lens) * kv_heads)
-        assert counters.shape == (len(ctx_lens) * kv_heads,) and torch.count_nonzero(counters).item() == 0, splits
-
-
-@pytest.mark.parametrize("accumulated,merge", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("accumulated", [False, True])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES + [(9, 3, 64)])
-def test_rope_store_decode_gives_the_bits_of_the_two_kernels(heads, kv_heads, head_dim, accumulated, merge,
-                                                               monkeypatch):
+def test_rope_store_decode_gives_the_bits_of_the_two_kernels(heads, kv_heads, head_dim, accumulated):
     """The fused decode launch (RoPE + KV store inside the decode kernel) against rope_and_store followed by
     paged_attention_decode, for 1, 3 and 16 splits: the same output bits and the same cache bytes, including a
     sequence whose newest key lands on a block boundary, a one-token context, and a padding row (negative slot:
     nothing stored, the cache read as it is).  Accumulated sums (split_accum) are rounded like the plain
-    projection and zeroed afterwards: by the merge (in the last program of each sequence and KV head, or the merge
-    kernel), or, with one split, by the decode program."""
+    projection and zeroed afterwards, by the merge kernel or, with one split, by the decode program."""
     from morphserve.kernels.split_accum import Accumulated
-
-    monkeypatch.setattr(attention, "MERGE_IN_DECODE", merge)
 
     dtype = torch.float16
     ctx_lens = [1, 9, 70, 16]

@@ -23,16 +23,7 @@ query heads of a KV head (GQA groups share each K/V tile; the group is padded to
 single query row is padded the same way by default, :attr:`DecodeTuning.mha_dot`, or multiplied on the CUDA cores), and
 each sequence's context is cut into ``num_splits`` equal ranges rounded to ``BLOCK_N``.  With one split the kernel
 writes the output; otherwise each program writes its normalised partial output and log-sum-exp, and
-:func:`_decode_reduce_kernel` merges them (one program per sequence and head).
-
-*Merge in the last program* (:data:`MERGE_IN_DECODE`, off: measured slower).  Instead of the merge launch, every
-program bumps an arrival counter of its (sequence, KV head) with an acquire-release atomic after storing its
-partials, and the one that sees ``num_splits - 1`` earlier arrivals reads all partials back (from L2), writes the
-output (the same arithmetic, :func:`_merge_head`) and resets the counter to zero, so the counters
-(:func:`_arrival_counters`, one zeroed int32 buffer per device and batch shape) are ready for the next launch and a
-CUDA graph replays with the same pointers.  It saves a launch per layer but puts the merge of a whole query group
-in one program at the kernel's tail, while the merge kernel's launch is hidden by programmatic dependent launch and
-spreads over one program per head.  ``num_splits`` depends only on the batch shape (never on the context
+:func:`_decode_reduce_kernel` merges them.  ``num_splits`` depends only on the batch shape (never on the context
 lengths), so one CUDA graph per batch size serves every context; a split past the end of a short context writes an
 empty partial (log-sum-exp ``-inf``).  A sequence with ``context_lens = 0`` (a padding row) yields zeros.
 
@@ -64,11 +55,6 @@ MAX_DECODE_SPLITS = 16
 # Decode steps of the Triton kernel set that split the context run RoPE + KV store inside the decode kernel's launch
 # (rope_store_decode; TritonKernels.rope_store_attention says when)
 FUSE_ROPE_DECODE = True
-# Split decode launches merge their partials in the last program of each (sequence, KV head) instead of a second
-# kernel (module docstring).  Off: inside graph-captured batch-1 steps on an H200 (2026-12-04, three rounds of
-# benchmarks/probe_b1_small_kernels.py) it made Llama-2-7B steps 1.3-1.7% slower (3.632 against 3.570-3.587 ms)
-# and Llama-3-8B steps 3.8% slower (3.994 against 3.845 ms; its last program merges a group of four heads).
-MERGE_IN_DECODE = False
 LOG2E = 1.4426950408889634
 
 
@@ -257,12 +243,11 @@ def _zero_qkv_heads(row, part_stride, q_heads, q_mask, kv_heads, kv_mask, H: tl.
 @triton.jit(do_not_specialize=["table_stride"], do_not_specialize_on_alignment=["ctx_ptr", "tables_ptr"])  # as prefill
 def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr, table_stride, kv_ptr,
                    seg_base_ptr, shift, block_stride, base_addr, layer, scale_log2, num_splits, stride_q,
-                   part_stride, pos_ptr, cos_ptr, sin_ptr, slot_ptr, count_ptr, H: tl.constexpr,
+                   part_stride, pos_ptr, cos_ptr, sin_ptr, slot_ptr, H: tl.constexpr,
                    KVH: tl.constexpr, ELEM_BYTES: tl.constexpr,
                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                   ROPE: tl.constexpr, PARTS: tl.constexpr, MERGE: tl.constexpr, SPLITS_P2: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   ROPE: tl.constexpr, PARTS: tl.constexpr, USE_PDL: tl.constexpr):
     # ROPE: q_ptr is the QKV projection (rows stride_q apart; PARTS > 0: accumulated sums), see rope_store_decode
     pdl_wait(USE_PDL)
     s = tl.program_id(0)
@@ -339,49 +324,16 @@ def _decode_kernel(q_ptr, out_ptr, part_o_ptr, part_lse_ptr, ctx_ptr, tables_ptr
         m_i = m_new
     pdl_trigger(USE_PDL)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    kvh1 = kvh + tl.zeros([1], tl.int32)
     if num_splits == 1:
         tl.store(out_ptr + (s * H + head)[:, None] * D + d[None, :], o.to(DTYPE), mask=gmask[:, None])
         if ROPE:  # the only reader of its heads' accumulated sums: zero them (with splits, the merge does)
+            kvh1 = kvh + tl.zeros([1], tl.int32)
             _zero_qkv_heads(q_ptr + s * stride_q, part_stride, head, gmask, kvh1, kvh1 == kvh, H, KVH, D, PARTS)
     else:
         row = (s * H + head) * num_splits + split
         tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=gmask[:, None])
         lse = m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))
         tl.store(part_lse_ptr + row, tl.where(l_i > 0, lse, float("-inf")), mask=gmask)
-        if MERGE:  # the last program of (s, kvh) to get here merges (module docstring)
-            # every thread's partials are stored before this program's release (the barrier orders them, the
-            # release is cumulative); the last arrival's acquire makes every program's partials visible to it
-            tl.debug_barrier()
-            count = count_ptr + s * KVH + kvh
-            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                tl.store(count, 0)  # every program of the pair has counted: ready for the next launch
-                for gi in tl.static_range(GROUP):
-                    _merge_head(out_ptr, part_o_ptr, part_lse_ptr, s, kvh * GROUP + gi, num_splits, H, D,
-                                SPLITS_P2, DTYPE)
-                if ROPE:  # every reader of these heads' accumulated sums has finished
-                    _zero_qkv_heads(q_ptr + s * stride_q, part_stride, head, gmask, kvh1, kvh1 == kvh, H, KVH, D,
-                                    PARTS)
-
-
-@triton.jit
-def _merge_head(out_ptr, part_o_ptr, part_lse_ptr, s, h, num_splits, H: tl.constexpr, D: tl.constexpr,
-                SPLITS_P2: tl.constexpr, DTYPE: tl.constexpr):
-    """Merge the ``num_splits`` partial outputs of head ``h`` of sequence ``s`` (weighted by their log-sum-exp)
-    into ``out``.  The partials are loaded from L2 (``.cg``): in the decode kernel's last program they were written
-    by other programs of the same launch."""
-    j = tl.arange(0, SPLITS_P2)
-    jmask = j < num_splits
-    row = (s * H + h) * num_splits + j
-    lse = tl.load(part_lse_ptr + row, mask=jmask, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
-    d = tl.arange(0, D)
-    o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=jmask[:, None], other=0.0, cache_modifier=".cg")
-    total = tl.sum(w, axis=0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + (s * H + h) * D + d, res.to(DTYPE))
 
 
 @triton.jit
@@ -397,7 +349,18 @@ def _decode_reduce_kernel(out_ptr, part_o_ptr, part_lse_ptr, num_splits, qkv_ptr
     if PARTS > 0:
         h1 = h + tl.zeros([1], tl.int32)
         _zero_qkv_heads(qkv_ptr + s * stride_qkv, part_stride, h1, h1 == h, h1, h1 < KVH, H, KVH, D, PARTS)
-    _merge_head(out_ptr, part_o_ptr, part_lse_ptr, s, h, num_splits, H, D, SPLITS_P2, DTYPE)
+    j = tl.arange(0, SPLITS_P2)
+    jmask = j < num_splits
+    row = (s * H + h) * num_splits + j
+    lse = tl.load(part_lse_ptr + row, mask=jmask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    d = tl.arange(0, D)
+    o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=jmask[:, None], other=0.0)
+    total = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + (s * H + h) * D + d, res.to(DTYPE))
 
 
 def _check(q: torch.Tensor, addr: KVAddress, meta: PagedAttentionMetadata) -> tuple[int, int, int]:
@@ -445,9 +408,9 @@ def rope_store_decode(qkv: "torch.Tensor | Accumulated", num_heads: int, positio
     contiguous, or its accumulated sums, :mod:`morphserve.kernels.split_accum`), every program rotates its queries
     itself, and the program whose split holds a sequence's newest key (position ``context_lens[s] - 1``) rotates
     that key and stores it with its value at ``slot_mapping[s]`` (negative: skipped) before reading it back with
-    the rest.  Same bits as the two kernels; one launch fewer per layer.  Accumulated sums are zeroed by the merge (the
-    last program of each (sequence, KV head), or the merge kernel: every reader has finished by then), or by the one
-    program of a (sequence, KV head) with a single split.  Returns ``[S, heads * head_dim]``."""
+    the rest.  Same bits as the two kernels; one launch fewer per layer.  Accumulated sums are zeroed by the merge
+    kernel (every decode program has completed by then), or by the one program of a (sequence, KV head) with a
+    single split.  Returns ``[S, heads * head_dim]``."""
     t = qkv.shape[0]
     d, kvh = addr.head_dim, addr.num_kv_heads
     if (len(qkv.shape) != 2 or num_heads % kvh or qkv.shape[1] != (num_heads + 2 * kvh) * d
@@ -497,47 +460,28 @@ def _decode(src: torch.Tensor, t: int, heads: int, dtype: torch.dtype, addr: KVA
     group = heads // kvh
     # query rows per program: MHA's one row on the CUDA cores, or the group padded to 16 rows for the tensor cores
     group_rows = 1 if group == 1 and not tuning.mha_dot else max(16, triton.next_power_of_2(group))
-    merge = splits > 1 and MERGE_IN_DECODE
     if splits > 1:
         part_o = torch.empty((t, heads, splits, d), dtype=torch.float32, device=src.device)
         part_lse = torch.empty((t, heads, splits), dtype=torch.float32, device=src.device)
     else:
         part_o = part_lse = out  # unused
-    counters = _arrival_counters(src.device, t * kvh) if merge else out  # unused without the in-kernel merge
-    splits_p2 = triton.next_power_of_2(MAX_DECODE_SPLITS)
     rope_args = rope or _RopeInput(0, 0, 0, out, out, out, out)  # unused without ROPE
     opts = launch_options(src.device)
     _decode_kernel[(t, kvh, splits)](
         src, out, part_o, part_lse, meta.context_lens, meta.block_tables, meta.block_tables.stride(0), addr.base,
         addr.seg_base_ptr, addr.shift, addr.block_stride, addr.base_addr, layer, scale * LOG2E, splits,
         rope_args.row_stride, rope_args.part_stride, rope_args.positions, rope_args.cos, rope_args.sin,
-        rope_args.slots, counters, H=heads, KVH=kvh, ELEM_BYTES=addr.elem_bytes,
+        rope_args.slots, H=heads, KVH=kvh, ELEM_BYTES=addr.elem_bytes,
         GROUP=group, GROUP_P2=group_rows, D=d, BS=addr.block_size,
         BLOCK_N=tuning.block_n, PREFETCH=tuning.prefetch, DTYPE=addr.dtype, DOT_PREC=dot_precision(dtype),
-        ROPE=rope is not None, PARTS=rope_args.parts, MERGE=merge, SPLITS_P2=splits_p2, num_warps=tuning.num_warps,
-        num_stages=tuning.num_stages, **opts)
-    if splits > 1 and not merge:
+        ROPE=rope is not None, PARTS=rope_args.parts, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        **opts)
+    if splits > 1:
         _decode_reduce_kernel[(t, heads)](out, part_o, part_lse, splits, src, rope_args.row_stride,
-                                          rope_args.part_stride, H=heads, KVH=kvh, D=d, SPLITS_P2=splits_p2,
-                                          DTYPE=addr.dtype, PARTS=rope_args.parts, num_warps=4, **opts)
+                                          rope_args.part_stride, H=heads, KVH=kvh, D=d,
+                                          SPLITS_P2=triton.next_power_of_2(MAX_DECODE_SPLITS), DTYPE=addr.dtype,
+                                          PARTS=rope_args.parts, num_warps=4, **opts)
     return out
-
-
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """The zeroed int32 arrival counters of a split decode launch with ``n`` (sequence, KV head) pairs on
-    ``device``: one buffer per shape, never reallocated (a captured graph keeps its pointer), left zeroed by
-    every launch (the last program of each pair resets its counter)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (str(device), n)
-    buf = _COUNTERS.get(key)
-    if buf is None:
-        buf = _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
-    return buf
 
 
 def paged_attention(q: torch.Tensor, addr: KVAddress, layer: int, meta: PagedAttentionMetadata,
