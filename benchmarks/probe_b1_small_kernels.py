@@ -51,7 +51,7 @@ def restore() -> None:
 
 def parse_setting(name: str):
     """The function that applies setting ``name`` (module docstring) on top of the shipped state."""
-    changes, splits, warps, switches = {}, None, None, {}
+    changes, splits, warps, early = {}, None, None, None  # early None: as shipped
     for mod in ([] if name == "base" else name.split("+")):
         m = re.fullmatch(r"(bn|st|w|ppsm|maxsplits|normwarps)(\d+)", mod)
         if m and m.group(1) in FIELDS:
@@ -65,7 +65,7 @@ def parse_setting(name: str):
         elif mod == "noprefetch":
             changes["prefetch"] = False
         elif mod in ("normearly", "normlate"):
-            switches[(norm, "EARLY_LOADS")] = mod == "normearly"
+            early = mod == "normearly"
         else:
             raise ValueError(f"setting {name!r}: unknown modifier {mod!r}")
 
@@ -76,8 +76,8 @@ def parse_setting(name: str):
         if splits is not None:
             A.MAX_DECODE_SPLITS = splits
         norm.NUM_WARPS = warps
-        for (module, attr), value in switches.items():
-            setattr(module, attr, value)
+        if early is not None:
+            norm.EARLY_LOADS = early
     return apply
 
 
