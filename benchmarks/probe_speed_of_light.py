@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 y = torch.empty(m, n, device=dev, dtype=torch.float16)
                 row["chosen"][prec][m] = {
-                    "path": choice.path.name, "flush": timer.median_us(lambda w=ws[1]: dispatch.quant_matmul(x, w, y)),
+                    "path": choice.path, "tuned_us": choice.us, "flush": timer.median_us(lambda w=ws[1]: dispatch.quant_matmul(x, w, y)),
                     "graph": graph_us([lambda w=w: dispatch.quant_matmul(x, w, y) for w in ws], timer)}
             del ws
         res["rows"].append(row)
