@@ -92,7 +92,7 @@ def main() -> None:
                     if not err < 1e-2:
                         cell["failed"][path.name] = f"relative error {err:.3g}"
                         continue
-                    cell["tiles"][path.name] = timer.median_us(lambda p=path: dispatch.run_path(p, x, w))
+                    cell["tiles"][path.name] = timer.median_us(lambda p=path, w=w: dispatch.run_path(p, x, w))
                 except Exception as e:  # noqa: BLE001  (a tile that does not compile or launch is a result)
                     cell["failed"][path.name] = f"{type(e).__name__}: {str(e)[:200]}"
             best = min(cell["tiles"].items(), key=lambda kv: kv[1], default=(None, float("nan")))
