@@ -141,7 +141,9 @@ def run_path(path: Path, x: torch.Tensor, w: QuantWeight, out: torch.Tensor | No
 
 # GEMM tiles (block_m, block_n, num_warps, num_stages) tried per M bucket (the first bound >= M applies).  From the
 # compiler's resource report (float16, sm_90): no register spills except W4's 64x128 and 128x128 tiles (a few hundred
-# bytes of stack); the tuner measures them anyway.
+# bytes of stack); the tuner measures them anyway.  The one- and two-warp W8 tiles (and the two-warp W4 ``gemm_t``
+# tiles below) won a sweep of ``mma.sync`` tiles against the dispatcher at M = 4-32 on an H200 (2026-12-04,
+# ``benchmarks/probe_gemm_warps.py``): W8 1.03-1.25x faster at M = 4-16 on all seven 7B/8B shapes, W4 within 5%.
 _GEMM_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int], ...]], ...]] = {
     Precision.W4: (
         (16, ((16, 64, 4, 4), (16, 128, 4, 4), (16, 256, 4, 3))),
@@ -150,8 +152,8 @@ _GEMM_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int], .
         (2048, ((64, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3))),
     ),
     Precision.W8: (
-        (16, ((16, 64, 4, 4), (16, 128, 4, 4))),
-        (32, ((32, 64, 4, 4), (32, 128, 4, 4))),
+        (16, ((16, 64, 4, 4), (16, 128, 4, 4), (16, 64, 2, 3), (16, 128, 2, 3), (16, 128, 2, 2), (16, 64, 1, 3))),
+        (32, ((32, 64, 4, 4), (32, 128, 4, 4), (32, 128, 2, 3))),
         (64, ((64, 64, 4, 4), (64, 128, 4, 4))),
         (2048, ((64, 128, 4, 4), (128, 128, 8, 3))),
     ),
@@ -165,7 +167,7 @@ _GEMM_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int], .
 _GEMM_T_MIN_M = 2
 _GEMM_T_TILES: dict[Precision, tuple[tuple[int, tuple[tuple[int, int, int, int], ...]], ...]] = {
     Precision.W4: (
-        (16, ((16, 64, 4, 3), (16, 128, 4, 3), (16, 256, 4, 3), (16, 256, 8, 3))),
+        (16, ((16, 64, 4, 3), (16, 128, 4, 3), (16, 256, 4, 3), (16, 256, 8, 3), (16, 128, 2, 3), (16, 128, 2, 2))),
         (32, ((32, 64, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (32, 256, 8, 3))),
         (64, ((64, 64, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (64, 64, 4, 2), (64, 128, 4, 2), (64, 256, 4, 2))),
         (2048, ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3))),
