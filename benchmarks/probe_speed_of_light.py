@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_quant_linear import min_bytes  # noqa: E402
 from probe_w4_gemv import GROUP, SHAPES, _empty, copy_bandwidth  # noqa: E402
 
 import morphserve.quant  # noqa: E402,F401  (registers the layouts and the dispatch)
@@ -68,10 +69,9 @@ def _stream_read(src, out, n_words, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
 
 
 def quantized_bytes(precision: str, n: int, k: int) -> int:
-    """Bytes a kernel must read for the weight: W4 codes + float16 scales and zeros per group; W8 codes + scales."""
-    if precision == "w4":
-        return n * k // 2 + 2 * 2 * n * (k // GROUP)
-    return n * k + 2 * n
+    """Bytes a kernel must read for the weight alone: W4 codes + float16 scales and zeros per group; W8 codes +
+    scales (:func:`bench_quant_linear.min_bytes` without activations)."""
+    return min_bytes(precision, n, k, GROUP, 0)
 
 
 def read_call(buf: torch.Tensor, out: torch.Tensor, cfg: tuple[int, int, int]) -> Callable[[], None]:
@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> dict:
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 y = torch.empty(m, n, device=dev, dtype=torch.float16)
                 row["chosen"][prec][m] = {
-                    "path": choice.path, "tuned_us": choice.us, "flush": timer.median_us(lambda w=ws[1]: dispatch.quant_matmul(x, w, y)),
+                    "path": choice.path, "tuned_us": choice.us,
+                    "flush": timer.median_us(lambda w=ws[1]: dispatch.quant_matmul(x, w, y)),
                     "graph": graph_us([lambda w=w: dispatch.quant_matmul(x, w, y) for w in ws], timer)}
             del ws
         res["rows"].append(row)
